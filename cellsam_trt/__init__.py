@@ -1,0 +1,22 @@
+"""cellsam-trt: fast, faithful CellSAM inference (PyTorch, ONNX Runtime, TensorRT).
+
+>>> import cellsam_trt
+>>> labels = cellsam_trt.segment(image)  # doctest: +SKIP
+"""
+from .checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
+from .config import InferenceConfig, ModelConfig
+from .pipeline import CellSAM, NoCellsWarning, SegmentationDetails, segment
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CellSAM",
+    "CheckpointError",
+    "InferenceConfig",
+    "ModelConfig",
+    "NoCellsWarning",
+    "SegmentationDetails",
+    "load_checkpoint",
+    "segment",
+    "write_random_checkpoint",
+]

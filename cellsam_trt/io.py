@@ -1,0 +1,57 @@
+"""Reading images and writing results (atomic writes: temp file + rename)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray) -> Path:
+    """Labels (H, W) integer -> compressed TIFF."""
+    import tifffile
+
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib"))
+
+
+def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(H, W[, C]) image + (H, W) labels -> (H, W, 3) uint8 RGB with cells tinted and outlined."""
+    from skimage.color import label2rgb
+    from skimage.segmentation import find_boundaries
+
+    from .preprocess import format_image
+
+    planes = format_image(image)
+    shown = planes[..., 1:].max(axis=-1) if planes[..., 1].any() else planes[..., 2]
+    lo, hi = np.percentile(shown, [1, 99.5])
+    gray = np.clip((shown - lo) / max(hi - lo, 1e-12), 0, 1)
+    rgb = label2rgb(labels, image=gray, alpha=0.3, bg_label=0, image_alpha=1.0)
+    rgb[find_boundaries(labels, mode="inner")] = (1.0, 1.0, 0.0)
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
+    import cv2
+
+    def write(tmp):
+        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[..., ::-1])):
+            raise OSError(f"could not write PNG {path}")
+
+    return atomic_write(path, write)

@@ -1,0 +1,33 @@
+"""The CellSAM module tree, with the released checkpoint's key layout.
+
+``model``      SAM (image encoder, prompt encoder, mask decoder)
+``model_cp``   a second SAM; when a checkpoint has ``model_cp.*`` keys, the image
+               embedding, prompt encoder and mask decoder come from it
+``cellfinder`` ``decode_head`` = CellFinder (its own ViT trunk + Anchor DETR)
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import ModelConfig
+from .cellfinder import CellFinderWrapper
+from .sam import build_sam
+
+
+class CellSAMNetwork(nn.Module):
+    """Weights only: the graphs that run are taken from it by ``graphs()``."""
+
+    def __init__(self, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or ModelConfig.cellsam()
+        self.model = build_sam(self.config.sam)
+        self.model_cp = build_sam(self.config.sam)
+        self.cellfinder = CellFinderWrapper(self.config.cellfinder)
+        # Set by the checkpoint loader: False when the checkpoint had no model_cp.* keys,
+        # in which case the released code skips two preprocessing steps too.
+        self.uses_model_cp = True
+
+    @property
+    def sam(self) -> nn.Module:
+        """The SAM whose encoder and decoder make the masks."""
+        return self.model_cp if self.uses_model_cp else self.model

@@ -1,0 +1,325 @@
+"""segment(): image -> preprocess -> backend graphs -> postprocess -> labels.
+
+One encoder pass per image; every box goes through the decoder in batched calls; masks are
+upsampled, thresholded and painted on the backend's device, only inside the windows where
+they can be foreground.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import postprocess as post
+from . import preprocess as pre
+from .config import InferenceConfig
+from .runtime.base import Backend
+
+log = logging.getLogger(__name__)
+
+
+class NoCellsWarning(UserWarning):
+    """segment() found nothing to label; the result is all zeros."""
+
+
+@dataclass
+class SegmentationDetails:
+    """What segment(return_details=True) returns beside the labels.
+
+    Attributes:
+        boxes: (K, 4) float32 xyxy in image pixels of the masks that passed the IoU filter,
+            in decoding order (mask k was painted with label k+1 before clean-up).
+        scores: (K,) float32 CellFinder score of each (NaN for user boxes).
+        iou: (K,) float32 predicted mask IoU.
+        labels_of_boxes: (K,) int32 final label of each box's mask (0: removed by clean-up
+            or fully covered by later masks).
+        embedding: (1, C, 64, 64) float32 image embedding.
+        num_candidates: boxes sent to the decoder (before the IoU filter).
+        timings: seconds per stage.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    iou: np.ndarray
+    labels_of_boxes: np.ndarray
+    embedding: np.ndarray
+    num_candidates: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Timer:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.backend.synchronize()
+                timer.timings[name] = timer.timings.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Stage()
+
+
+def validate_boxes(boxes: Any, height: int, width: int) -> np.ndarray:
+    """User boxes (N, 4) x1, y1, x2, y2 in image pixels -> float32 array; ValueError if invalid."""
+    try:
+        arr = np.asarray(boxes)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"boxes: cannot be read as an (N, 4) array ({err})") from None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) and not np.iscomplexobj(arr)):
+        raise ValueError(f"boxes: expected real numbers, got dtype {arr.dtype}")
+    if arr.size == 0:
+        return np.zeros((0, 4), dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ValueError(f"boxes: expected shape (N, 4) as x1, y1, x2, y2, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("boxes: contain NaN or infinite values")
+    x1, y1, x2, y2 = arr.T
+    bad = np.flatnonzero((x2 < x1) | (y2 < y1))
+    if len(bad):
+        raise ValueError(f"boxes: x2 < x1 or y2 < y1 in rows {bad[:10].tolist()} (expected x1, y1, x2, y2)")
+    out = np.flatnonzero((x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height))
+    if len(out):
+        raise ValueError(
+            f"boxes: rows {out[:10].tolist()} reach outside the {width}x{height} (W x H) image"
+        )
+    return arr.astype(np.float32)
+
+
+class CellSAM:
+    """A loaded CellSAM that segments many images without reloading weights.
+
+    >>> session = CellSAM.from_checkpoint("cellsam_general.pt", device="cuda")  # doctest: +SKIP
+    >>> labels = session.segment(image)                                          # doctest: +SKIP
+
+    Args:
+        backend: a ``Backend`` (torch, onnxruntime or tensorrt) holding the graphs.
+        options: default thresholds and chunk size (``InferenceConfig``).
+    """
+
+    def __init__(self, backend: Backend, options: InferenceConfig | None = None) -> None:
+        if not isinstance(backend, Backend):
+            raise TypeError(f"backend: expected a cellsam_trt Backend, got {type(backend).__name__}")
+        self.backend = backend
+        self.options = options or InferenceConfig()
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: Any = None, *, backend: str = "torch", device: str | torch.device | None = None,
+        download: bool = False, options: InferenceConfig | None = None, **backend_options: Any,
+    ) -> "CellSAM":
+        """Load weights (released format) and build the chosen backend.
+
+        Args:
+            checkpoint: path, or None for ``~/.deepcell/models/cellsam_v1.2/cellsam_general.pt``.
+            backend: "torch" (others: see ``cellsam_trt.runtime``).
+            device: torch device; default CUDA when available.
+            download: fetch the released weights when absent (needs DEEPCELL_ACCESS_TOKEN).
+        """
+        from .runtime import create_backend
+
+        return cls(create_backend(backend, checkpoint=checkpoint, device=device, download=download, **backend_options), options)
+
+    @classmethod
+    def from_network(cls, network: Any, *, device: str | torch.device | None = None, options: InferenceConfig | None = None) -> "CellSAM":
+        """Wrap an in-memory ``CellSAMNetwork`` with the torch backend."""
+        from .runtime import TorchBackend
+
+        return cls(TorchBackend(network, device=device), options)
+
+    def segment(
+        self,
+        image: Any,
+        *,
+        boxes: Any = None,
+        bbox_threshold: float | None = None,
+        normalize: bool = True,
+        postprocess: bool = False,
+        remove_boundaries: bool = False,
+        chunk_size: int | None = None,
+        channel_axis: int | None = None,
+        return_details: bool = False,
+        progress: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
+        """Segment cells.
+
+        Args:
+            image: (H, W) or (H, W, C<=3) / (C, H, W), any real dtype. Channels fill the last
+                slots of (blank, nuclear, whole-cell); a 2-D image is the whole-cell channel.
+            boxes: optional (N, 4) x1, y1, x2, y2 in image pixels; skips CellFinder.
+            bbox_threshold: CellFinder confidence weight (default 0.4).
+            normalize: percentile clip + CLAHE first (as the released default). With False,
+                the image must already lie in [0, 1].
+            postprocess: the released optional morphological clean-up.
+            remove_boundaries: zero a one-pixel outline around each cell.
+            chunk_size: boxes per decoder call (default 256).
+            channel_axis: axis of the channels for 3-D input (default: the smallest axis).
+            return_details: also return a ``SegmentationDetails``.
+            progress: show a progress bar over decoder chunks.
+
+        Returns:
+            labels (H, W) int32: 0 background, cells 1..K. With ``return_details``, a tuple.
+        """
+        opts = self._options(bbox_threshold, chunk_size)
+        backend = self.backend
+        size = backend.config.image_size
+        timer = _Timer(backend)
+
+        with timer.stage("preprocess"):
+            image3 = pre.format_image(image, channel_axis=channel_axis)
+            height, width = image3.shape[:2]
+            user_boxes = None if boxes is None else validate_boxes(boxes, height, width)
+            if normalize:
+                image3 = pre.normalize_image(image3)
+            elif image3.min() < 0 or image3.max() > 1:
+                raise ValueError(
+                    f"image: with normalize=False values must lie in [0, 1], found [{image3.min():g}, {image3.max():g}]"
+                )
+            tensor = pre.to_tensor(image3)
+            model_input = pre.embedding_input(tensor, size, backend.adapted_inputs)
+
+        with timer.stage("encoder"):
+            embedding = backend.encoder(model_input)
+
+        if user_boxes is None:
+            with timer.stage("cellfinder"):
+                logits, raw_boxes = backend.cellfinder(pre.cellfinder_input(tensor, size, backend.adapted_inputs))
+                scores, boxes_model = post.score_boxes(logits[0], raw_boxes[0], size)
+                scores, boxes_model = post.select_boxes(scores, boxes_model, opts.bbox_threshold)
+        else:
+            scale = np.array([size / width, size / height] * 2, dtype=np.float32)
+            boxes_model = torch.from_numpy(user_boxes * scale).to(backend.device)
+            scores = torch.full((len(user_boxes),), float("nan"), device=backend.device)
+
+        painter = post.MaskPainter(
+            (height, width), low_res=backend.config.sam.low_res_size, model_size=size,
+            mask_threshold=opts.mask_threshold, device=backend.device,
+        )
+        kept_index, kept_iou = [], []
+        with timer.stage("decoder"):
+            for start in _chunks(len(boxes_model), opts.chunk_size, progress):
+                chunk = boxes_model[start:start + opts.chunk_size]
+                mask_logits, iou = backend.decoder(embedding, chunk)
+                keep = iou[:, 0] >= opts.iou_threshold
+                # labels are numbered by kept order, so chunks must be painted in order
+                first_label = 1 + sum(len(k) for k in kept_index)
+                painter.paint(mask_logits[keep, 0], first_label)
+                kept_index.append(torch.nonzero(keep)[:, 0] + start)
+                kept_iou.append(iou[keep, 0])
+
+        with timer.stage("postprocess"):
+            labels = painter.result().cpu().numpy()
+            kept = torch.cat(kept_index).cpu().numpy() if kept_index else np.zeros(0, dtype=np.int64)
+            dropped = len(boxes_model) - len(kept)
+            if dropped:
+                log.info("%d of %d masks dropped: predicted IoU below %s", dropped, len(boxes_model), opts.iou_threshold)
+            if postprocess:
+                labels = post.morphological_postprocess(labels)
+            before = labels.copy() if return_details else None
+            labels = post.fill_holes_and_remove_small(labels, opts.min_size)
+            if remove_boundaries:
+                labels = post.remove_boundaries(labels)
+        if len(kept) == 0 or not labels.any():
+            warnings.warn("No cells detected in the image; returning all-zero labels.", NoCellsWarning, stacklevel=2)
+
+        if not return_details:
+            return labels
+        scale_back = np.array([width / size, height / size] * 2, dtype=np.float32)
+        details = SegmentationDetails(
+            boxes=boxes_model.cpu().numpy()[kept] * scale_back if user_boxes is None else user_boxes[kept],
+            scores=scores.cpu().numpy()[kept],
+            iou=torch.cat(kept_iou).cpu().numpy() if kept_iou else np.zeros(0, np.float32),
+            labels_of_boxes=_labels_of_boxes(before, labels, len(kept)),
+            embedding=embedding.cpu().numpy(),
+            num_candidates=len(boxes_model),
+            timings=timer.timings,
+        )
+        return labels, details
+
+    def _options(self, bbox_threshold: float | None, chunk_size: int | None) -> InferenceConfig:
+        opts = self.options
+        if bbox_threshold is not None:
+            if not pre.is_real_number(bbox_threshold) or not 0 <= bbox_threshold <= 1:
+                raise ValueError(f"bbox_threshold: expected a number in [0, 1], got {bbox_threshold!r}")
+            opts = replace(opts, bbox_threshold=float(bbox_threshold))
+        if chunk_size is not None:
+            if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+                raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+            opts = replace(opts, chunk_size=int(chunk_size))
+        if self.backend.max_decoder_boxes is not None:
+            opts = replace(opts, chunk_size=min(opts.chunk_size, self.backend.max_decoder_boxes))
+        return opts
+
+
+def _chunks(total: int, chunk_size: int, progress: bool):
+    starts = range(0, total, chunk_size)
+    if progress and len(starts) > 1:
+        from tqdm import tqdm
+
+        return tqdm(starts, desc="decoding boxes", unit="chunk")
+    return starts
+
+
+def _labels_of_boxes(before: np.ndarray, after: np.ndarray, count: int) -> np.ndarray:
+    """Final label of each painted mask: the label that its pixels carry after clean-up."""
+    out = np.zeros(count, dtype=np.int32)
+    fg = before > 0
+    pairs = np.unique(np.stack([before[fg], after[fg]]), axis=1) if fg.any() else np.zeros((2, 0), int)
+    for original, final in pairs.T:
+        if final > 0 and 1 <= original <= count:
+            out[original - 1] = final
+    return out
+
+
+def segment(
+    image: Any,
+    *,
+    checkpoint: Any = None,
+    model: Any = None,
+    backend: str = "torch",
+    device: str | torch.device | None = None,
+    boxes: Any = None,
+    bbox_threshold: float = 0.4,
+    return_details: bool = False,
+    **options: Any,
+) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
+    """Segment cells in one image (convenience wrapper; use ``CellSAM`` for many images).
+
+    Args:
+        image: (H, W) or (H, W, C<=3), any real dtype.
+        checkpoint: weights file (released format); default ``~/.deepcell/models/...``.
+        model: a ``CellSAM`` session or a ``CellSAMNetwork`` instead of ``checkpoint``.
+        backend, device: engine kind and device when loading ``checkpoint``.
+        boxes: optional (N, 4) x1, y1, x2, y2 in image pixels (skips CellFinder).
+        bbox_threshold: CellFinder confidence weight.
+        return_details: also return ``SegmentationDetails``.
+        **options: forwarded to ``CellSAM.segment`` (normalize, postprocess, chunk_size, ...).
+
+    Returns:
+        labels (H, W) int32, or (labels, details).
+    """
+    from .modeling import CellSAMNetwork
+
+    if model is not None and checkpoint is not None:
+        raise ValueError("pass either model= or checkpoint=, not both")
+    if isinstance(model, CellSAM):
+        session = model
+    elif isinstance(model, CellSAMNetwork):
+        session = CellSAM.from_network(model, device=device)
+    elif model is None:
+        session = CellSAM.from_checkpoint(checkpoint, backend=backend, device=device)
+    else:
+        raise TypeError(f"model: expected a CellSAM session or CellSAMNetwork, got {type(model).__name__}")
+    return session.segment(image, boxes=boxes, bbox_threshold=bbox_threshold, return_details=return_details, **options)

@@ -1,0 +1,203 @@
+"""Image formatting and the two model inputs, exactly as the released CellSAM code makes them.
+
+Data flow (H, W are the user's image size, S = 1024 the model input side):
+
+    image (H,W) | (H,W,C<=3), any real dtype
+      -> format_image      (H,W,3) float64, the C channels in the LAST C slots
+      -> normalize_image   per channel: clip at the 99.9th percentile of non-zero values,
+                           rescale to [0,1], CLAHE (kernel 128); constant channels -> 0
+      -> to_tensor         (1,3,H,W) float32
+      -> embedding_input   (1,3,S,S) float32, what SAM's image encoder sees
+      -> cellfinder_input  (1,3,S,S) float32, what CellFinder sees
+
+Both inputs squash the image to SxS (aspect ratio not kept).  Every step uses the same
+library call (numpy, scikit-image, torchvision) as the released code so that results are
+bit-identical on the CPU.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from skimage.exposure import equalize_adapthist, rescale_intensity
+from torch import Tensor
+
+from .modeling.sam import PIXEL_MEAN, PIXEL_STD
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+CHANNEL_NAMES = ("blank", "nuclear", "whole-cell")
+
+
+def format_image(image: Any, channel_axis: int | None = None) -> np.ndarray:
+    """Validate an image and place its channels as CellSAM expects.
+
+    Args:
+        image: array-like (H, W) or (H, W, C) / (C, H, W) with C <= 3, any integer, bool or
+            float dtype, finite values.
+        channel_axis: axis holding the channels of a 3-D image. ``None`` follows the released
+            code: the smallest axis (the first one on ties).
+
+    Returns:
+        (H, W, 3) float64. C channels fill the last C slots, in the order
+        (blank, nuclear, whole-cell); a 2-D image becomes the whole-cell channel.
+
+    Raises:
+        ValueError: on anything else, naming the problem.
+    """
+    if isinstance(image, Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        if isinstance(image, (list, tuple)):
+            try:
+                image = np.asarray(image)
+            except ValueError as err:
+                raise ValueError(f"image: a nested sequence that is not rectangular ({err})") from None
+        else:
+            raise ValueError(f"image: expected a numpy array (H, W) or (H, W, C), got {type(image).__name__}")
+    if image.dtype == object or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+        raise ValueError(f"image: expected a real numeric dtype, got {image.dtype}")
+    if np.iscomplexobj(image):
+        raise ValueError("image: complex values are not supported")
+    if image.ndim not in (2, 3):
+        raise ValueError(f"image: expected 2 dimensions (H, W) or 3 (H, W, C), got shape {image.shape}")
+    if image.size == 0:
+        raise ValueError(f"image: is empty (shape {image.shape})")
+    if image.ndim == 2:
+        image = image[..., None]
+    else:
+        axis = int(np.argmin(image.shape)) if channel_axis is None else channel_axis
+        if not -3 <= axis <= 2:
+            raise ValueError(f"channel_axis: must be 0, 1, 2 or negative, got {channel_axis}")
+        image = np.moveaxis(image, axis, -1)
+    h, w, c = image.shape
+    if c > 3:
+        raise ValueError(
+            f"image: at most 3 channels (blank, nuclear, whole-cell) are supported, got {c} "
+            f"(shape after moving the channel axis last: {image.shape})"
+        )
+    if h < 2 or w < 2:
+        raise ValueError(f"image: needs at least 2x2 pixels, got {h}x{w}")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ValueError("image: contains NaN or infinite values")
+    out = np.zeros((h, w, 3))
+    out[:, :, 3 - c:] = image
+    return out
+
+
+def percentile_clip(image: np.ndarray, percentile: float = 99.9) -> np.ndarray:
+    """Per channel, clip values above the given percentile of its non-zero values.
+
+    (H, W, 3) float -> (H, W, 3) same dtype; all-zero channels stay zero.
+    """
+    out = np.zeros_like(image)
+    for chan in range(image.shape[-1]):
+        plane = np.copy(image[..., chan])
+        nonzero = plane[np.nonzero(plane)]
+        if len(nonzero) > 0:
+            top = np.percentile(nonzero, percentile)
+            plane[plane > top] = top
+            out[..., chan] = plane
+    return out
+
+
+def clahe(image: np.ndarray, kernel_size: int = 128) -> np.ndarray:
+    """Per channel: constant -> 0, else rescale to [0, 1] and scikit-image CLAHE. In place, returned."""
+    for chan in range(image.shape[-1]):
+        plane = image[:, :, chan]
+        if (plane == plane[0, 0]).all():
+            image[:, :, chan] = 0
+            continue
+        plane = rescale_intensity(plane, out_range=(0.0, 1.0))
+        image[:, :, chan] = equalize_adapthist(plane, kernel_size=kernel_size)
+    return image
+
+
+def normalize_image(image: np.ndarray) -> np.ndarray:
+    """The released ``normalize=True`` step on a formatted (H, W, 3) image -> (H, W, 3) float64 in [0, 1]."""
+    return clahe(percentile_clip(image))
+
+
+def to_tensor(image: np.ndarray) -> Tensor:
+    """(H, W, 3) -> (1, 3, H, W) float32."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().unsqueeze(0)
+
+
+def _resize(image: Tensor, size: int) -> Tensor:
+    # torchvision v2 Resize on a plain tensor: bilinear, antialias on.
+    return TF.resize(image, [size, size])
+
+
+def _min_max(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-channel min-max to [0, 1] over H, W (kornia.enhance.normalize_min_max)."""
+    flat = x.flatten(start_dim=-2)
+    lo = flat.min(-1, keepdim=True)[0]
+    hi = flat.max(-1, keepdim=True)[0]
+    return ((flat - lo) / (hi - lo + eps)).reshape(x.shape)
+
+
+def _percentile_rescale(image: Tensor, lower: float = 0.0, upper: float = 99.5) -> Tensor:
+    """Rescale the whole (3, S, S) tensor from its [lower, upper] percentiles of non-zero values."""
+    arr = np.array(image)
+    nonzero = arr[np.nonzero(arr)]
+    if len(nonzero) == 0:
+        return image
+    lo, hi = np.percentile(nonzero, [lower, upper])
+    return torch.Tensor(rescale_intensity(arr, in_range=(lo, hi), out_range="float32"))
+
+
+def _fill_blank_channels(image: Tensor) -> Tensor:
+    """Copy whole-cell into an empty nuclear channel and vice versa."""
+    if torch.max(image[1]) == 0:
+        image[1] = image[2]
+    if torch.max(image[2]) == 0:
+        image[2] = image[1]
+    return image
+
+
+def embedding_input(image: Tensor, size: int = 1024, adapted: bool = True) -> Tensor:
+    """Input of SAM's image encoder.
+
+    Args:
+        image: (1, 3, H, W) float32 (output of ``to_tensor``).
+        size: model input side.
+        adapted: the checkpoint has ``model_cp`` weights; the released code then also applies
+            ImageNet normalisation and per-channel min-max before SAM's pixel normalisation.
+
+    Returns:
+        (1, 3, size, size) float32.
+    """
+    x = _percentile_rescale(_resize(image[0], size))
+    if adapted:
+        x = _min_max(TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD).unsqueeze(0)).squeeze(0)
+    mean = torch.tensor(PIXEL_MEAN).view(-1, 1, 1) / 255
+    std = torch.tensor(PIXEL_STD).view(-1, 1, 1) / 255
+    return ((x - mean) / std).unsqueeze(0)
+
+
+def cellfinder_input(image: Tensor, size: int = 1024, adapted: bool = True) -> Tensor:
+    """Input of CellFinder.
+
+    The released code round-trips the resized image through an 8-bit PIL image
+    (``x * 255`` truncated to uint8), applies SAM's pixel normalisation on the 0..255 scale,
+    then (``adapted``) ImageNet normalisation, per-channel min-max and blank-channel filling.
+
+    Args:
+        image: (1, 3, H, W) float32 in [0, 1] (output of ``to_tensor`` on a normalised image).
+
+    Returns:
+        (1, 3, size, size) float32.
+    """
+    x = _resize(image[0], size).mul(255).byte()
+    x = (x - torch.tensor(PIXEL_MEAN).view(-1, 1, 1)) / torch.tensor(PIXEL_STD).view(-1, 1, 1)
+    if adapted:
+        x = _min_max(TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD).unsqueeze(0)).squeeze(0)
+        x = _fill_blank_channels(x)
+    return x.unsqueeze(0)
+
+
+def is_real_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)

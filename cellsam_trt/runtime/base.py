@@ -1,0 +1,53 @@
+"""The one interface every engine kind implements."""
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be created or cannot run (missing files, wrong GPU, ...)."""
+
+
+class Backend(abc.ABC):
+    """Runs the three CellSAM graphs on tensors.
+
+    Attributes:
+        name: "torch", "onnxruntime" or "tensorrt".
+        device: where outputs live and where post-processing should run.
+        config: the architecture (sizes) of the weights behind the graphs.
+        adapted_inputs: True when the weights include the ``model_cp`` copy; the released
+            preprocessing differs then (see ``preprocess.embedding_input``).
+        max_decoder_boxes: most boxes one ``decoder`` call accepts (None: no limit).
+    """
+
+    name: str = "base"
+    device: torch.device
+    config: ModelConfig
+    adapted_inputs: bool = True
+    max_decoder_boxes: int | None = None
+
+    @abc.abstractmethod
+    def encoder(self, images: Tensor) -> Tensor:
+        """images (B, 3, S, S) float32 -> embeddings (B, C, S/16, S/16) float32, on ``device``."""
+
+    @abc.abstractmethod
+    def cellfinder(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images (B, 3, S, S) -> logits (B, Q, classes), boxes (B, Q, 4) cxcywh in [0, 1]."""
+
+    @abc.abstractmethod
+    def decoder(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """embedding (1, C, S/16, S/16), boxes (N, 4) xyxy in S-space ->
+        mask_logits (N, 1, S/4, S/4), iou (N, 1). N <= max_decoder_boxes."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for honest stage timings)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": str(self.device)}
