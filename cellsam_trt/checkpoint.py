@@ -71,10 +71,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"checkpoint {path}: refused to load; it is not a plain weights file and unpickling it "
-            f"could run code ({str(err).splitlines()[0]})"
-        ) from None
+        detail = _unpickler_reason(str(err))
+        if "GLOBAL" in detail:
+            raise CheckpointError(
+                f"checkpoint {path}: refused to load; unpickling it would run code ({detail}). "
+                "Only plain weight files (dicts of tensors) are accepted."
+            ) from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch weights file ({detail})") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
         raise CheckpointError(f"checkpoint {path}: cannot be read as a torch checkpoint ({err})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and not any(str(k).startswith("model.") for k in obj):
@@ -85,6 +88,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"checkpoint {path}: entries that are not named tensors: {bad[:10]}")
     return dict(obj)
+
+
+def _unpickler_reason(message: str) -> str:
+    """The specific reason inside torch's long weights-only error message."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported operand" in ln or "Unsupported class" in ln:
+            return ln
+    return lines[-1] if lines else message
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:

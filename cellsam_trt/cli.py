@@ -21,10 +21,21 @@ COMMAND_MODULES = (
 )
 
 
+def _download(args: argparse.Namespace) -> int:
+    from .checkpoint import download_weights
+
+    folder = download_weights(version=args.version)
+    print(f"released CellSAM weights in {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellsam-trt", description="Fast, faithful CellSAM cell segmentation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    download = sub.add_parser("download", help="fetch the released weights (needs DEEPCELL_ACCESS_TOKEN)")
+    download.add_argument("--version", default="1.2", help="model version (default 1.2)")
+    download.set_defaults(func=_download)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)

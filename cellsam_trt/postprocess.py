@@ -269,20 +269,30 @@ def morphological_postprocess(labels: np.ndarray) -> np.ndarray:
     The released loop builds disk(2) for the first label's opening/closing and then reuses
     the disk(10) it made for dilation for every later label; kept so results agree.
     """
-    from segment_anything.utils.amg import remove_small_regions
-    from skimage.morphology import disk, binary_closing, binary_dilation, binary_erosion, binary_opening
+    from skimage.morphology import disk
 
     out = np.zeros_like(labels)
     footprint = disk(2)
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        mask = labels == value
-        mask, _ = remove_small_regions(mask, 20, mode="holes")
-        mask, _ = remove_small_regions(mask, 20, mode="islands")
-        mask = binary_closing(binary_opening(mask, footprint), footprint)
-        footprint = disk(10)
-        mask = binary_erosion(binary_dilation(mask, footprint), footprint)
-        mask = gaussian_filter(mask.astype(np.float32), sigma=3) > 0.5
-        out = np.maximum(out, mask.astype(labels.dtype) * value)
+    with warnings.catch_warnings():
+        # scikit-image 0.26 deprecates the binary_* operators the released code uses; the
+        # replacements are not documented as equivalent, so we keep these (skimage < 0.28).
+        warnings.simplefilter("ignore", FutureWarning)
+        for value in np.unique(labels):
+            if value == 0:
+                continue
+            out = np.maximum(out, _smooth_label(labels == value, footprint, value, labels.dtype))
+            footprint = disk(10)
     return out
+
+
+def _smooth_label(mask, footprint, value, dtype):
+    from segment_anything.utils.amg import remove_small_regions
+    from skimage.morphology import binary_closing, binary_dilation, binary_erosion, binary_opening, disk
+
+    mask, _ = remove_small_regions(mask, 20, mode="holes")
+    mask, _ = remove_small_regions(mask, 20, mode="islands")
+    mask = binary_closing(binary_opening(mask, footprint), footprint)
+    big = disk(10)
+    mask = binary_erosion(binary_dilation(mask, big), big)
+    mask = gaussian_filter(mask.astype(np.float32), sigma=3) > 0.5
+    return mask.astype(dtype) * value

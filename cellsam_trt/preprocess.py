@@ -141,7 +141,7 @@ def _min_max(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 def _percentile_rescale(image: Tensor, lower: float = 0.0, upper: float = 99.5) -> Tensor:
     """Rescale the whole (3, S, S) tensor from its [lower, upper] percentiles of non-zero values."""
-    arr = np.array(image)
+    arr = image.numpy()
     nonzero = arr[np.nonzero(arr)]
     if len(nonzero) == 0:
         return image

@@ -1,0 +1,30 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from cellsam_trt.checkpoint import random_network
+from cellsam_trt.config import ModelConfig
+from cellsam_trt.testing import steer_random_network, synthetic_cells
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def cell_image() -> np.ndarray:
+    """(300, 400, 2) uint16 nuclear + whole-cell image."""
+    return synthetic_cells(300, 400, n_cells=25, seed=1)
+
+
+@pytest.fixture(scope="session")
+def steered_tiny(cell_image):
+    """Tiny-config random network steered on ``cell_image`` (model_cp present)."""
+    return steer_random_network(random_network(ModelConfig.tiny(), seed=0), cell_image)
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        yield

@@ -1,0 +1,165 @@
+"""The batched pipeline gives the released per-box algorithm's labels."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import cellsam_trt
+from cellsam_trt import CellSAM, NoCellsWarning, segment
+from cellsam_trt.checkpoint import random_network, write_checkpoint
+from cellsam_trt.config import ModelConfig
+from cellsam_trt.reference import reference_segment
+from cellsam_trt.testing import steer_random_network
+
+
+@pytest.fixture(scope="module")
+def session(steered_tiny):
+    return CellSAM.from_network(steered_tiny, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def finder_result(session, cell_image):
+    return session.segment(cell_image, return_details=True)
+
+
+def user_boxes(n, height, width, seed=0):
+    rng = np.random.default_rng(seed)
+    x1 = rng.uniform(0, width - 40, n)
+    y1 = rng.uniform(0, height - 40, n)
+    return np.stack([x1, y1, x1 + rng.uniform(8, 40, n), y1 + rng.uniform(8, 40, n)], 1).astype(np.float32)
+
+
+def test_cellfinder_path_equals_per_box_reference(steered_tiny, cell_image, finder_result):
+    labels, details = finder_result
+    expected = reference_segment(steered_tiny, cell_image)
+    assert labels.shape == cell_image.shape[:2] and labels.dtype == np.int32
+    # the weights are steered so that the comparison has content
+    assert details.num_candidates > len(details.iou) > 10
+    assert labels.max() >= 5
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_user_boxes_equal_per_box_reference(steered_tiny, session, cell_image):
+    boxes = user_boxes(40, *cell_image.shape[:2])
+    labels, details = session.segment(cell_image, boxes=boxes, return_details=True)
+    np.testing.assert_array_equal(labels, reference_segment(steered_tiny, cell_image, boxes=boxes))
+    assert labels.max() >= 3
+    assert details.num_candidates == 40
+    assert np.isnan(details.scores).all()
+    # the boxes reported are the user's, for the masks that passed the IoU filter
+    assert all(any(np.array_equal(b, u) for u in boxes) for b in details.boxes)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7])
+def test_chunk_size_does_not_change_labels(session, cell_image, finder_result, chunk_size):
+    labels = session.segment(cell_image, chunk_size=chunk_size)
+    np.testing.assert_array_equal(labels, finder_result[0])
+
+
+def test_details_are_consistent(finder_result):
+    labels, d = finder_result
+    k = len(d.iou)
+    assert d.boxes.shape == (k, 4) and d.scores.shape == (k,) and d.labels_of_boxes.shape == (k,)
+    assert (d.iou >= 0.5).all()
+    assert (np.diff(d.scores) <= 0).all()  # decoding order is score order
+    assert d.embedding.shape == (1, 32, 64, 64)
+    assert set(d.timings) == {"preprocess", "encoder", "cellfinder", "decoder", "postprocess"}
+    final = set(np.unique(labels)) - {0}
+    assert final == set(d.labels_of_boxes[d.labels_of_boxes > 0].tolist())
+
+
+def test_no_boxes_gives_zeros_and_warning(session, cell_image):
+    with pytest.warns(NoCellsWarning):
+        labels = session.segment(cell_image, boxes=np.zeros((0, 4)))
+    assert labels.shape == cell_image.shape[:2] and not labels.any()
+
+
+def test_all_masks_below_iou_threshold_gives_zeros_and_warning(cell_image):
+    net = steer_random_network(random_network(ModelConfig.tiny(), seed=5), cell_image, iou_margin=-0.4, iou_spread=0.01)
+    with pytest.warns(NoCellsWarning):
+        labels, details = CellSAM.from_network(net).segment(cell_image, boxes=user_boxes(5, 300, 400), return_details=True)
+    assert not labels.any() and len(details.iou) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint64, np.float16, bool, np.int64])
+def test_any_real_dtype_works(session, dtype):
+    rng = np.random.default_rng(0)
+    image = (rng.random((64, 80)) * (1 if dtype in (np.float16, bool) else 100)).astype(dtype)
+    image = image > 0.5 if dtype is bool else image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoCellsWarning)
+        labels = session.segment(image, boxes=[[5, 5, 30, 30], [40, 20, 70, 60]])
+    assert labels.shape == (64, 80) and labels.dtype == np.int32
+
+
+@pytest.mark.parametrize(
+    "boxes, message",
+    [
+        (np.zeros((3, 5)), r"shape \(N, 4\)"),
+        ([[10, 10, 5, 20]], "x2 < x1"),
+        ([[0, 0, 500, 20]], "outside"),
+        ([[-1, 0, 5, 20]], "outside"),
+        ([[0, 0, np.nan, 20]], "NaN"),
+        ([["a", 0, 1, 2]], "real numbers"),
+        ([[0, 0, 1], [0, 0, 1, 2]], "cannot be read"),
+    ],
+)
+def test_bad_boxes_raise(session, cell_image, boxes, message):
+    with pytest.raises(ValueError, match=message):
+        session.segment(cell_image, boxes=boxes)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"bbox_threshold": 1.5}, "bbox_threshold"),
+        ({"bbox_threshold": "high"}, "bbox_threshold"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"chunk_size": 2.5}, "chunk_size"),
+    ],
+)
+def test_bad_options_raise(session, cell_image, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        session.segment(cell_image, **kwargs)
+
+
+def test_normalize_false_needs_unit_range(session):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        session.segment(np.full((32, 32), 7.0), normalize=False, boxes=[[0, 0, 10, 10]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoCellsWarning)
+        out = session.segment(np.random.default_rng(0).random((32, 32)), normalize=False, boxes=[[0, 0, 10, 10]])
+    assert out.shape == (32, 32)
+
+
+def test_segment_wrapper_loads_checkpoint_and_accepts_models(tmp_path, steered_tiny, session, cell_image):
+    boxes = user_boxes(6, *cell_image.shape[:2], seed=2)
+    path = write_checkpoint(steered_tiny, tmp_path / "w.pt")
+    via_path = segment(cell_image, checkpoint=path, boxes=boxes, device="cpu")
+    via_network = segment(cell_image, model=steered_tiny, boxes=boxes, device="cpu")
+    via_session = cellsam_trt.segment(cell_image, model=session, boxes=boxes)
+    np.testing.assert_array_equal(via_path, via_network)
+    np.testing.assert_array_equal(via_path, via_session)
+    with pytest.raises(ValueError, match="either model= or checkpoint="):
+        segment(cell_image, model=session, checkpoint=path)
+    with pytest.raises(TypeError, match="model"):
+        segment(cell_image, model="weights.pt")
+
+
+def test_optional_cleanups_run(session, cell_image, finder_result):
+    bounded = session.segment(cell_image, remove_boundaries=True)
+    assert (bounded > 0).sum() < (finder_result[0] > 0).sum()
+    with warnings.catch_warnings():
+        # random-weight masks are thin stripes that the disk(10) opening may remove entirely
+        warnings.simplefilter("ignore", NoCellsWarning)
+        smooth = session.segment(cell_image, postprocess=True)
+    assert smooth.shape == cell_image.shape[:2] and smooth.dtype == np.int32
+
+
+def test_cuda_matches_cpu(steered_tiny, cell_image, finder_result):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch sees none)")
+    labels = CellSAM.from_network(steered_tiny, device="cuda").segment(cell_image)
+    differing = int((labels != finder_result[0]).sum())
+    assert differing <= 0.001 * labels.size, differing
