@@ -7,6 +7,7 @@ they can be foreground.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,8 @@ from torch import Tensor
 from . import postprocess as post
 from . import preprocess as pre
 from .config import InferenceConfig
-from .runtime.base import Backend
+from .memory import fit_chunk_size
+from .runtime.base import Backend, OutOfDeviceMemory
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,10 @@ def validate_boxes(boxes: Any, height: int, width: int) -> np.ndarray:
 class CellSAM:
     """A loaded CellSAM that segments many images without reloading weights.
 
+    Safe to share between threads: preprocessing runs in parallel, the graph calls and mask
+    painting of one image at a time (the device is the bottleneck, and TensorRT execution
+    contexts must not be shared).
+
     >>> session = CellSAM.from_checkpoint("cellsam_general.pt", device="cuda")  # doctest: +SKIP
     >>> labels = session.segment(image)                                          # doctest: +SKIP
 
@@ -114,6 +120,7 @@ class CellSAM:
             raise TypeError(f"backend: expected a cellsam_trt Backend, got {type(backend).__name__}")
         self.backend = backend
         self.options = options or InferenceConfig()
+        self._device_lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(
@@ -189,39 +196,28 @@ class CellSAM:
                 )
             tensor = pre.to_tensor(image3)
             model_input = pre.embedding_input(tensor, size, backend.adapted_inputs)
+            if user_boxes is None:
+                finder_input = pre.cellfinder_input(tensor, size, backend.adapted_inputs)
 
-        with timer.stage("encoder"):
-            embedding = backend.encoder(model_input)
+        with self._device_lock:
+            with timer.stage("encoder"):
+                embedding = backend.encoder(model_input)
 
-        if user_boxes is None:
-            with timer.stage("cellfinder"):
-                logits, raw_boxes = backend.cellfinder(pre.cellfinder_input(tensor, size, backend.adapted_inputs))
-                scores, boxes_model = post.score_boxes(logits[0], raw_boxes[0], size)
-                scores, boxes_model = post.select_boxes(scores, boxes_model, opts.bbox_threshold)
-        else:
-            scale = np.array([size / width, size / height] * 2, dtype=np.float32)
-            boxes_model = torch.from_numpy(user_boxes * scale).to(backend.device)
-            scores = torch.full((len(user_boxes),), float("nan"), device=backend.device)
+            if user_boxes is None:
+                with timer.stage("cellfinder"):
+                    logits, raw_boxes = backend.cellfinder(finder_input)
+                    scores, boxes_model = post.score_boxes(logits[0], raw_boxes[0], size)
+                    scores, boxes_model = post.select_boxes(scores, boxes_model, opts.bbox_threshold)
+            else:
+                scale = np.array([size / width, size / height] * 2, dtype=np.float32)
+                boxes_model = torch.from_numpy(user_boxes * scale).to(backend.device)
+                scores = torch.full((len(user_boxes),), float("nan"), device=backend.device)
 
-        painter = post.MaskPainter(
-            (height, width), low_res=backend.config.sam.low_res_size, model_size=size,
-            mask_threshold=opts.mask_threshold, device=backend.device,
-        )
-        kept_index, kept_iou = [], []
-        with timer.stage("decoder"):
-            for start in _chunks(len(boxes_model), opts.chunk_size, progress):
-                chunk = boxes_model[start:start + opts.chunk_size]
-                mask_logits, iou = backend.decoder(embedding, chunk)
-                keep = iou[:, 0] >= opts.iou_threshold
-                # labels are numbered by kept order, so chunks must be painted in order
-                first_label = 1 + sum(len(k) for k in kept_index)
-                painter.paint(mask_logits[keep, 0], first_label)
-                kept_index.append(torch.nonzero(keep)[:, 0] + start)
-                kept_iou.append(iou[keep, 0])
+            with timer.stage("decoder"):
+                painter, kept, kept_iou = self._decode(embedding, boxes_model, (height, width), opts, progress)
 
         with timer.stage("postprocess"):
             labels = painter.result().cpu().numpy()
-            kept = torch.cat(kept_index).cpu().numpy() if kept_index else np.zeros(0, dtype=np.int64)
             dropped = len(boxes_model) - len(kept)
             if dropped:
                 log.info("%d of %d masks dropped: predicted IoU below %s", dropped, len(boxes_model), opts.iou_threshold)
@@ -240,13 +236,56 @@ class CellSAM:
         details = SegmentationDetails(
             boxes=boxes_model.cpu().numpy()[kept] * scale_back if user_boxes is None else user_boxes[kept],
             scores=scores.cpu().numpy()[kept],
-            iou=torch.cat(kept_iou).cpu().numpy() if kept_iou else np.zeros(0, np.float32),
+            iou=kept_iou,
             labels_of_boxes=_labels_of_boxes(before, labels, len(kept)),
             embedding=embedding.cpu().numpy(),
             num_candidates=len(boxes_model),
             timings=timer.timings,
         )
         return labels, details
+
+    def _decode(self, embedding: Tensor, boxes: Tensor, out_shape: tuple[int, int], opts: InferenceConfig,
+                progress: bool) -> tuple[post.MaskPainter, np.ndarray, np.ndarray]:
+        """Decode all boxes in chunks and paint the masks passing the IoU filter.
+
+        Returns the painter, the indices of the kept boxes and their IoU predictions. A chunk
+        that runs out of device memory is retried at half the size (masks are painted with
+        max(), so re-painting part of a chunk changes nothing); only a single box that does
+        not fit is an error.
+        """
+        backend = self.backend
+        painter = post.MaskPainter(
+            out_shape, low_res=backend.config.sam.low_res_size, model_size=backend.config.image_size,
+            mask_threshold=opts.mask_threshold, device=backend.device,
+        )
+        chunk = fit_chunk_size(backend.config, backend.device, *out_shape, opts.chunk_size) if len(boxes) else 1
+        kept_index, kept_iou = [], []
+        next_label, start = 1, 0
+        bar = _progress(len(boxes), chunk, progress)
+        while start < len(boxes):
+            part = boxes[start:start + chunk]
+            try:
+                mask_logits, iou = backend.decoder(embedding, part)
+                keep = iou[:, 0] >= opts.iou_threshold
+                # labels follow the kept order, so chunks are painted in order
+                painter.paint(mask_logits[keep, 0], next_label)
+            except OutOfDeviceMemory as err:
+                if chunk == 1:
+                    raise MemoryError(f"one box does not fit in device memory on {backend.device}: {err}") from None
+                chunk = max(1, chunk // 2)
+                log.warning("decoder ran out of device memory; retrying with %d boxes per call", chunk)
+                continue
+            kept_index.append(torch.nonzero(keep)[:, 0].cpu().numpy() + start)
+            kept_iou.append(iou[keep, 0].cpu().numpy())
+            next_label += len(kept_index[-1])
+            start += len(part)
+            if bar is not None:
+                bar.update(len(part))
+        if bar is not None:
+            bar.close()
+        if not kept_index:
+            return painter, np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return painter, np.concatenate(kept_index), np.concatenate(kept_iou)
 
     def _options(self, bbox_threshold: float | None, chunk_size: int | None) -> InferenceConfig:
         opts = self.options
@@ -263,13 +302,12 @@ class CellSAM:
         return opts
 
 
-def _chunks(total: int, chunk_size: int, progress: bool):
-    starts = range(0, total, chunk_size)
-    if progress and len(starts) > 1:
-        from tqdm import tqdm
+def _progress(total: int, chunk: int, enabled: bool):
+    if not enabled or total <= chunk:
+        return None
+    from tqdm import tqdm
 
-        return tqdm(starts, desc="decoding boxes", unit="chunk")
-    return starts
+    return tqdm(total=total, desc="decoding boxes", unit="box")
 
 
 def _labels_of_boxes(before: np.ndarray, after: np.ndarray, count: int) -> np.ndarray:

@@ -163,3 +163,60 @@ def test_cuda_matches_cpu(steered_tiny, cell_image, finder_result):
     labels = CellSAM.from_network(steered_tiny, device="cuda").segment(cell_image)
     differing = int((labels != finder_result[0]).sum())
     assert differing <= 0.001 * labels.size, differing
+
+
+class _SmallMemoryBackend:
+    """Wraps a backend; its decoder 'runs out of memory' above ``limit`` boxes."""
+
+    def __init__(self, inner, limit):
+        self.inner, self.limit, self.calls = inner, limit, []
+
+    def decoder(self, embedding, boxes):
+        from cellsam_trt.runtime import OutOfDeviceMemory
+
+        self.calls.append(len(boxes))
+        if len(boxes) > self.limit:
+            raise OutOfDeviceMemory(f"{len(boxes)} boxes do not fit")
+        return self.inner.decoder(embedding, boxes)
+
+
+def _with_decoder(session, fake):
+    from cellsam_trt.runtime import TorchBackend
+
+    class Patched(TorchBackend):
+        def __init__(self):
+            self.__dict__.update(session.backend.__dict__)
+
+        def decoder(self, embedding, boxes):
+            return fake.decoder(embedding, boxes)
+
+    return CellSAM(Patched(), session.options)
+
+
+def test_out_of_memory_halves_the_chunk_and_keeps_labels(session, cell_image, caplog):
+    boxes = user_boxes(20, *cell_image.shape[:2], seed=3)
+    expected = session.segment(cell_image, boxes=boxes)
+    fake = _SmallMemoryBackend(session.backend, limit=3)
+    with caplog.at_level("WARNING"):
+        labels = _with_decoder(session, fake).segment(cell_image, boxes=boxes, chunk_size=16)
+    np.testing.assert_array_equal(labels, expected)
+    assert fake.calls[:4] == [16, 8, 4, 2] and set(fake.calls[4:]) == {2}
+    assert sum(fake.calls[3:]) == 20  # every box decoded once after the last failure
+    assert "retrying with 2 boxes per call" in caplog.text
+
+
+def test_out_of_memory_for_one_box_is_an_error_not_partial_labels(session, cell_image):
+    fake = _SmallMemoryBackend(session.backend, limit=0)
+    with pytest.raises(MemoryError, match="one box does not fit"):
+        _with_decoder(session, fake).segment(cell_image, boxes=user_boxes(4, *cell_image.shape[:2]))
+
+
+def test_threads_share_one_session(session, cell_image):
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(cell_image[: 200 + 20 * i], user_boxes(6, 200 + 20 * i, 400, seed=i)) for i in range(4)]
+    sequential = [session.segment(img, boxes=b) for img, b in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda job: session.segment(job[0], boxes=job[1]), jobs))
+    for a, b in zip(sequential, threaded):
+        np.testing.assert_array_equal(a, b)

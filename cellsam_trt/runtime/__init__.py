@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from .base import Backend, BackendError
+from .base import Backend, BackendError, OutOfDeviceMemory
 from .torch_backend import TorchBackend, resolve_device
 
 BACKENDS = ("torch",)
@@ -31,4 +31,4 @@ def create_backend(
     return TorchBackend(load_checkpoint(checkpoint, download=download), device=device, **options)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "TorchBackend", "create_backend", "resolve_device"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "OutOfDeviceMemory", "TorchBackend", "create_backend", "resolve_device"]

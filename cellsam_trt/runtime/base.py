@@ -13,6 +13,10 @@ class BackendError(RuntimeError):
     """A backend cannot be created or cannot run (missing files, wrong GPU, ...)."""
 
 
+class OutOfDeviceMemory(BackendError):
+    """A graph call ran out of device memory; a smaller decoder batch may fit."""
+
+
 class Backend(abc.ABC):
     """Runs the three CellSAM graphs on tensors.
 
@@ -42,7 +46,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def decoder(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         """embedding (1, C, S/16, S/16), boxes (N, 4) xyxy in S-space ->
-        mask_logits (N, 1, S/4, S/4), iou (N, 1). N <= max_decoder_boxes."""
+        mask_logits (N, 1, S/4, S/4), iou (N, 1). N <= max_decoder_boxes.
+
+        Raises OutOfDeviceMemory when the batch does not fit."""
 
     def synchronize(self) -> None:
         """Wait for queued device work (for honest stage timings)."""

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..modeling import BoxDecoder, CellSAMNetwork
-from .base import Backend, BackendError
+from .base import Backend, BackendError, OutOfDeviceMemory
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -67,8 +67,12 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def decoder(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-        with self._context():
-            masks, iou = self.box_decoder(embedding.to(self.device), boxes.to(self.device, torch.float32))
+        try:
+            with self._context():
+                masks, iou = self.box_decoder(embedding.to(self.device), boxes.to(self.device, torch.float32))
+        except torch.cuda.OutOfMemoryError as err:
+            torch.cuda.empty_cache()
+            raise OutOfDeviceMemory(f"decoder with {len(boxes)} boxes: {err}") from None
         return masks.float(), iou.float()
 
     def describe(self) -> dict:

@@ -1,0 +1,77 @@
+"""How much memory a segment() call needs, and how much the device has.
+
+The decoder dominates: SAM's mask decoder expands the image embedding once per box, and its
+peak is about nine embedding-sized tensors per box (measured on the CPU, ViT-B config, fp32:
+34 MB per box, 1.1 GB for a chunk of 32). The chunk size is therefore the knob; the
+pipeline shrinks it to fit and refuses when even one box cannot fit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# peak decoder bytes per box, in units of one embedding (C x G x G values)
+DECODER_EMBEDDINGS_PER_BOX = 9
+# headroom left for the allocator, other processes and the painter
+USABLE_FRACTION = 0.8
+
+
+def decoder_bytes_per_box(config: ModelConfig, bytes_per_value: int = 4) -> int:
+    grid = config.sam.encoder.grid_size
+    return DECODER_EMBEDDINGS_PER_BOX * config.sam.prompt_embed_dim * grid * grid * bytes_per_value
+
+
+def estimate_bytes(config: ModelConfig, height: int, width: int, chunk_size: int, bytes_per_value: int = 4) -> dict[str, int]:
+    """Rough peak bytes of one call, by part (decoder chunk, label image + resize matrices, inputs)."""
+    size = config.image_size
+    low = config.sam.low_res_size
+    return {
+        "decoder_chunk": chunk_size * decoder_bytes_per_box(config, bytes_per_value),
+        "labels": height * width * 4 + (height + width) * low * 8,
+        "model_inputs": 2 * 3 * size * size * 4,
+    }
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory on ``device`` (CUDA: driver's free memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # memory torch has cached but not in use is free for us too
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def fit_chunk_size(config: ModelConfig, device: torch.device, height: int, width: int, chunk_size: int,
+                   bytes_per_value: int = 4) -> int:
+    """Largest chunk <= ``chunk_size`` whose estimate fits the device.
+
+    Raises:
+        MemoryError: not even one box fits (the message gives the numbers).
+    """
+    budget = int(available_bytes(device) * USABLE_FRACTION)
+    fixed = sum(v for k, v in estimate_bytes(config, height, width, 0, bytes_per_value).items())
+    per_box = decoder_bytes_per_box(config, bytes_per_value)
+    fitting = (budget - fixed) // per_box
+    if fitting < 1:
+        raise MemoryError(
+            f"segment() needs about {(fixed + per_box) / 2**30:.2f} GiB on {device} for a {height}x{width} image "
+            f"with one box per decoder call, but only {budget / 2**30:.2f} GiB is usable; free memory or tile the image"
+        )
+    if fitting < chunk_size:
+        log.warning("chunk_size %d would need %.1f GiB on %s; using %d boxes per decoder call",
+                    chunk_size, (fixed + chunk_size * per_box) / 2**30, device, fitting)
+        return int(fitting)
+    return chunk_size

@@ -1,0 +1,313 @@
+"""The graph contract and the on-disk artefacts shared by export, ONNX Runtime and TensorRT.
+
+An export folder holds ``encoder.onnx``, ``cellfinder.onnx``, ``decoder.onnx`` and
+``manifest.json``; an engine folder holds ``<graph>.engine`` files and ``engines.json``.
+Both JSON files tie the artefacts to the checkpoint they came from (its sha256) so that a
+backend can refuse graphs made from other weights. This module imports neither onnx,
+onnxruntime nor tensorrt: the runtime reads artefacts with only the library it runs on.
+
+Graph contract (S = image size 1024, g = S/16 = 64, L = 4g = 256, C = SAM prompt width 256,
+Q = CellFinder queries 3500; every tensor float32):
+
+    encoder     image (B, 3, S, S)                       -> embedding (B, C, g, g)
+    cellfinder  image (B, 3, S, S)                       -> logits (B, Q, 2), boxes (B, Q, 4) cxcywh in [0, 1]
+    decoder     embedding (1, C, g, g), boxes (N, 4) xyxy -> mask_logits (N, 1, L, L), iou (N, 1)
+
+B ("batch") and N ("num_boxes") are dynamic.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+from .base import BackendError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "cellsam-trt-onnx"
+MANIFEST_VERSION = 1
+ENGINE_METADATA_NAME = "engines.json"
+ENGINE_METADATA_FORMAT = "cellsam-trt-engines"
+ENGINE_METADATA_VERSION = 1
+GRAPH_NAMES = ("encoder", "cellfinder", "decoder")
+BATCH_DIM = "batch"
+BOXES_DIM = "num_boxes"
+
+Shape = tuple  # of int (static) and str (symbolic) dims
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Names of one graph's inputs and outputs, in the order the graph declares them."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def onnx_file(self) -> str:
+        return f"{self.name}.onnx"
+
+    @property
+    def engine_file(self) -> str:
+        return f"{self.name}.engine"
+
+
+GRAPH_SPECS: dict[str, GraphSpec] = {
+    "encoder": GraphSpec("encoder", ("image",), ("embedding",)),
+    "cellfinder": GraphSpec("cellfinder", ("image",), ("logits", "boxes")),
+    "decoder": GraphSpec("decoder", ("embedding", "boxes"), ("mask_logits", "iou")),
+}
+
+
+def io_shapes(config: ModelConfig, graph: str) -> dict[str, Shape]:
+    """The contract's shape of every input and output of ``graph`` for ``config``.
+
+    Returns:
+        {tensor name: shape}; inputs first, then outputs, in graph order. Dynamic dims are
+        the strings ``"batch"`` (encoder, cellfinder) and ``"num_boxes"`` (decoder).
+    """
+    s = config.image_size
+    grid = config.sam.encoder.grid_size
+    chans = config.sam.encoder.out_chans
+    low = config.sam.low_res_size
+    finder = config.cellfinder
+    queries = finder.num_queries * finder.num_patterns
+    if graph == "encoder":
+        return {"image": (BATCH_DIM, 3, s, s), "embedding": (BATCH_DIM, chans, grid, grid)}
+    if graph == "cellfinder":
+        return {
+            "image": (BATCH_DIM, 3, s, s),
+            "logits": (BATCH_DIM, queries, finder.num_classes),
+            "boxes": (BATCH_DIM, queries, 4),
+        }
+    if graph == "decoder":
+        return {
+            "embedding": (1, chans, grid, grid),
+            "boxes": (BOXES_DIM, 4),
+            "mask_logits": (BOXES_DIM, 1, low, low),
+            "iou": (BOXES_DIM, 1),
+        }
+    raise ValueError(f"graph: expected one of {GRAPH_NAMES}, got {graph!r}")
+
+
+def check_input(graph: str, name: str, tensor: Tensor, config: ModelConfig) -> None:
+    """ValueError unless ``tensor`` fits the contract shape of input ``name`` of ``graph``."""
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"{graph} {name}: expected a torch tensor, got {type(tensor).__name__}")
+    expected = io_shapes(config, graph)[name]
+    shape = tuple(tensor.shape)
+    fits = len(shape) == len(expected) and all(
+        (isinstance(e, str) and d >= 1) or d == e for d, e in zip(shape, expected)
+    )
+    if not fits:
+        raise ValueError(f"{graph} {name}: expected shape {format_shape(expected)}, got {shape}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{graph} {name}: expected a floating point tensor, got {tensor.dtype}")
+
+
+def resolve_shape(shape: Sequence[int | str], symbols: Mapping[str, int]) -> tuple[int, ...]:
+    """Replace symbolic dims by their values (e.g. {"batch": 2})."""
+    try:
+        return tuple(int(symbols[d]) if isinstance(d, str) else int(d) for d in shape)
+    except KeyError as err:
+        raise BackendError(f"shape {format_shape(shape)}: no value for dynamic dim {err}") from None
+
+
+def bind_symbols(shapes: Mapping[str, Sequence[int | str]], tensors: Mapping[str, Tensor]) -> dict[str, int]:
+    """Values of the dynamic dims, read from the actual input tensors."""
+    symbols: dict[str, int] = {}
+    for name, tensor in tensors.items():
+        for d, size in zip(shapes[name], tensor.shape):
+            if isinstance(d, str):
+                symbols[d] = int(size)
+    return symbols
+
+
+def format_shape(shape: Sequence[int | str]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    from ..checkpoint import file_sha256 as sha
+
+    return sha(path)
+
+
+def checkpoint_sha256(checkpoint: str | os.PathLike) -> str:
+    """sha256 of a checkpoint file; BackendError if it does not exist."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise BackendError(f"checkpoint: no file at {path}")
+    return file_sha256(path)
+
+
+def read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
+    """A JSON object from ``path``; BackendError saying what is wrong and ``hint`` how to fix it."""
+    if not path.is_file():
+        raise BackendError(f"{what}: no {path.name} in {path.parent}. {hint}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BackendError(f"{what}: {path} is not readable JSON ({err}). {hint}") from None
+    if not isinstance(data, dict):
+        raise BackendError(f"{what}: {path} does not hold a JSON object. {hint}")
+    return data
+
+
+def export_hint(folder: Path | str) -> str:
+    return f"Export the graphs with: cellsam-trt export --checkpoint CHECKPOINT --out {folder}"
+
+
+def build_hint(onnx_dir: Path | str | None, engine_dir: Path | str) -> str:
+    source = onnx_dir if onnx_dir is not None else "ONNX_DIR"
+    return f"Rebuild the engines on this machine with: cellsam-trt build-engines --onnx-dir {source} --out {engine_dir}"
+
+
+@dataclass(frozen=True)
+class ExportManifest:
+    """A checked ``manifest.json`` of an export folder.
+
+    Attributes:
+        folder: the export folder.
+        data: the parsed JSON.
+        config: the architecture the graphs were exported with.
+        uses_model_cp: the weights had ``model_cp.*`` (selects the released preprocessing).
+        checkpoint_sha256: sha256 of the checkpoint file, or None for in-memory weights.
+    """
+
+    folder: Path
+    data: dict[str, Any]
+    config: ModelConfig
+    uses_model_cp: bool
+    checkpoint_sha256: str | None
+
+    def graph(self, name: str) -> dict[str, Any]:
+        return self.data["graphs"][name]
+
+    def graph_path(self, name: str) -> Path:
+        return self.folder / self.graph(name)["file"]
+
+    def shapes(self, name: str) -> dict[str, tuple]:
+        """{tensor: shape} of graph ``name`` as recorded (inputs then outputs)."""
+        entry = self.graph(name)
+        return {t["name"]: tuple(t["shape"]) for t in entry["inputs"] + entry["outputs"]}
+
+
+def load_manifest(
+    folder: str | os.PathLike,
+    *,
+    graphs: Sequence[str] = GRAPH_NAMES,
+    checkpoint: str | os.PathLike | None = None,
+    verify_hashes: bool = True,
+) -> ExportManifest:
+    """Read and check an export folder's manifest.
+
+    Args:
+        folder: the export folder (``cellsam-trt export --out``).
+        graphs: graphs that must be present.
+        checkpoint: when given, the graphs must have been exported from this file (sha256).
+        verify_hashes: compare every graph file with the sha256 the exporter recorded.
+
+    Raises:
+        BackendError: missing folder/manifest/graph, a graph changed since export (sha256),
+            a manifest of another format, or graphs exported from another checkpoint.
+    """
+    folder = Path(folder).expanduser()
+    hint = export_hint(folder)
+    if not folder.is_dir():
+        raise BackendError(f"onnx_dir: {folder} is not a folder. {hint}")
+    data = read_json(folder / MANIFEST_NAME, "onnx_dir", hint)
+    if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
+        raise BackendError(
+            f"onnx_dir: {folder / MANIFEST_NAME} is not a cellsam-trt export manifest "
+            f"(format {data.get('format')!r} version {data.get('version')!r}, expected "
+            f"{MANIFEST_FORMAT!r} version {MANIFEST_VERSION}). {hint}"
+        )
+    try:
+        config = ModelConfig.from_dict(data["model_config"])
+        uses_model_cp = bool(data["uses_model_cp"])
+        recorded_sha = data["checkpoint"]["sha256"]
+        entries = data["graphs"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise BackendError(f"onnx_dir: {folder / MANIFEST_NAME} lacks or mangles {err}. {hint}") from None
+    manifest = ExportManifest(folder, data, config, uses_model_cp, recorded_sha)
+
+    for name in graphs:
+        spec = GRAPH_SPECS[name]
+        entry = entries.get(name)
+        if not isinstance(entry, dict):
+            raise BackendError(f"onnx_dir: the manifest in {folder} has no {name} graph. {hint}")
+        recorded_io = (
+            tuple(t.get("name") for t in entry.get("inputs", [])),
+            tuple(t.get("name") for t in entry.get("outputs", [])),
+        )
+        if recorded_io != (spec.inputs, spec.outputs):
+            raise BackendError(
+                f"onnx_dir: {name} graph has inputs/outputs {recorded_io}, expected "
+                f"{(spec.inputs, spec.outputs)}. {hint}"
+            )
+        for file_entry in [entry] + ([entry["external_data"]] if entry.get("external_data") else []):
+            path = folder / file_entry["file"]
+            if not path.is_file():
+                raise BackendError(f"onnx_dir: {name} graph file {path} is missing. {hint}")
+            if verify_hashes and file_sha256(path) != file_entry["sha256"]:
+                raise BackendError(
+                    f"onnx_dir: {path} changed since it was exported (sha256 differs from {MANIFEST_NAME}); "
+                    f"the file is corrupt or from another export. {hint}"
+                )
+    if checkpoint is not None:
+        check_checkpoint_hash(recorded_sha, checkpoint, f"the graphs in {folder}", hint)
+    return manifest
+
+
+def check_checkpoint_hash(recorded: str | None, checkpoint: str | os.PathLike, what: str, hint: str) -> None:
+    """BackendError unless ``recorded`` is the sha256 of the ``checkpoint`` file."""
+    requested = checkpoint_sha256(checkpoint)
+    if recorded is None:
+        raise BackendError(
+            f"checkpoint: {what} were made from in-memory weights (no checkpoint hash recorded), so they "
+            f"cannot be confirmed to come from {checkpoint}. {hint}"
+        )
+    if recorded != requested:
+        raise BackendError(
+            f"checkpoint: {what} were made from another checkpoint (sha256 {recorded[:12]}...) than "
+            f"{checkpoint} (sha256 {requested[:12]}...). {hint}"
+        )
+
+
+def decoder_profile_shapes(config: ModelConfig, max_boxes: int, opt_boxes: int = 256) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """TensorRT (min, opt, max) shapes of the decoder inputs."""
+    if max_boxes < 1:
+        raise ValueError(f"max_boxes: expected a positive integer, got {max_boxes}")
+    shapes = io_shapes(config, "decoder")
+    opt = max(1, min(opt_boxes, max_boxes))
+    return {
+        "embedding": (shapes["embedding"],) * 3,
+        "boxes": ((1, 4), (opt, 4), (max_boxes, 4)),
+    }
+
+
+def image_profile_shapes(config: ModelConfig, graph: str, max_batch: int, opt_batch: int = 1) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """TensorRT (min, opt, max) shapes of the image input of ``encoder`` or ``cellfinder``."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch: expected a positive integer, got {max_batch}")
+    shape = io_shapes(config, graph)["image"]
+    opt = max(1, min(opt_batch, max_batch))
+    return {"image": (resolve_shape(shape, {BATCH_DIM: 1}), resolve_shape(shape, {BATCH_DIM: opt}),
+                      resolve_shape(shape, {BATCH_DIM: max_batch}))}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """numpy-style dtype name ("float32") -> torch dtype."""
+    table = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
+             "bool": torch.bool}
+    if name not in table:
+        raise BackendError(f"unsupported tensor dtype {name!r} in an artefact")
+    return table[name]

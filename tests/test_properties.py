@@ -1,0 +1,92 @@
+"""Property-based checks of the input boundary and of mask painting (hypothesis)."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from cellsam_trt import postprocess as post
+from cellsam_trt import preprocess as pre
+from cellsam_trt.pipeline import validate_boxes
+
+DTYPES = [np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64,
+          np.float16, np.float32, np.float64]
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def images(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    ndim = draw(st.sampled_from([2, 3]))
+    h = draw(st.integers(1, 40))
+    w = draw(st.integers(1, 300))
+    shape = (h, w) if ndim == 2 else tuple(draw(st.permutations([h, w, draw(st.integers(1, 5))])))
+    elements = None
+    if np.dtype(dtype).kind == "f":
+        elements = st.floats(allow_nan=True, allow_infinity=True, width=np.dtype(dtype).itemsize * 8)
+    return draw(hnp.arrays(dtype, shape, elements=elements))
+
+
+@FAST
+@given(images())
+def test_format_image_either_formats_or_raises_value_error(image):
+    try:
+        out = pre.format_image(image)
+    except ValueError as err:
+        assert str(err).startswith(("image:", "channel_axis:"))
+        return
+    assert out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.float64
+    assert np.isfinite(out).all()
+    assert out.shape[0] >= 2 and out.shape[1] >= 2
+    # values are kept (channels only moved and zero-padded)
+    assert np.array_equal(np.sort(out[out != 0]), np.sort(image.astype(np.float64)[image.astype(np.float64) != 0]))
+
+
+@FAST
+@given(images())
+def test_normalize_output_is_in_unit_range(image):
+    try:
+        formatted = pre.format_image(image)
+    except ValueError:
+        return
+    out = pre.normalize_image(formatted)
+    assert out.shape == formatted.shape
+    assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+@FAST
+@given(
+    hnp.arrays(np.float64, st.tuples(st.integers(0, 6), st.integers(0, 6)),
+               elements=st.floats(-50, 200) | st.sampled_from([np.nan, np.inf, -np.inf])),
+    st.integers(2, 120), st.integers(2, 120),
+)
+def test_validate_boxes_accepts_exactly_valid_boxes(boxes, height, width):
+    valid = (
+        boxes.size == 0
+        or (boxes.ndim == 2 and boxes.shape[1] == 4 and np.isfinite(boxes).all()
+            and (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+            and (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all())
+    )
+    if valid:
+        out = validate_boxes(boxes, height, width)
+        assert out.dtype == np.float32 and out.shape == (len(boxes) if boxes.size else 0, 4)
+    else:
+        with pytest.raises(ValueError, match="^boxes:"):
+            validate_boxes(boxes, height, width)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 700), st.integers(1, 700), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_painting_equals_full_resolution_on_any_shape(height, width, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 16, 16, generator=g) * 3 - 2
+    logits = torch.nn.functional.interpolate(base[:, None], (256, 256), mode="bilinear")[:, 0]
+    painter = post.MaskPainter((height, width))
+    painter.paint(logits, 1)
+    expected = np.zeros((height, width), np.int64)
+    for k, mask in enumerate(logits, 1):
+        up = torch.nn.functional.interpolate(mask[None, None], (1024, 1024), mode="bilinear", align_corners=False)
+        up = torch.nn.functional.interpolate(up, (height, width), mode="bilinear", align_corners=False)
+        expected = np.maximum(expected, (torch.sigmoid(up[0, 0]) > 0.4).numpy() * k)
+    np.testing.assert_array_equal(painter.result().numpy(), expected)
