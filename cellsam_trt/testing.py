@@ -141,7 +141,7 @@ def steer_random_network(
         return float((masks > cut).float().mean())
 
     lo, hi = -50.0, 50.0  # coverage falls as the shift grows
-    for _ in range(40):
+    for _ in range(24):
         mid = (lo + hi) / 2
         if coverage(mid) > mask_coverage:
             lo = mid
