@@ -149,7 +149,8 @@ def export_graph(
                 )
             except Exception as err:  # the exporter raises many types; report one
                 raise ExportError(f"{graph}: torch.onnx.export failed: {type(err).__name__}: {err}") from err
-        module.train(was_training)
+            finally:
+                module.train(was_training)
         seconds = time.perf_counter() - t0
         tracer = sorted({str(w.message).split(".")[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
         if tracer:
@@ -368,8 +369,19 @@ def export_network(
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     import json
 
-    text = json.dumps(manifest, indent=2) + "\n"
-    return atomic_write(Path(out_dir) / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text))
+    return write_public(Path(out_dir) / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def write_public(path: Path, data: bytes) -> Path:
+    """Atomically write ``data``, readable as the umask allows (temp files start as 0600)."""
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+
+    return atomic_write(path, write)
 
 
 def export_checkpoint(

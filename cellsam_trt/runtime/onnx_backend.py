@@ -20,7 +20,7 @@ from .artifacts import (
     load_manifest,
     resolve_shape,
 )
-from .base import Backend, BackendError
+from .base import Backend, BackendError, OutOfDeviceMemory
 from .torch_backend import resolve_device
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             outputs = self.sessions[graph].run(list(GRAPH_SPECS[graph].outputs), feeds)
         except Exception as err:
-            raise BackendError(f"{graph}: ONNX Runtime failed: {type(err).__name__}: {str(err).strip()[:300]}") from None
+            raise _run_error(graph, err, inputs) from None
         return [torch.from_numpy(np.ascontiguousarray(o)).to(self.device) for o in outputs]
 
     def _run_bound(self, graph: str, inputs: dict[str, Tensor]) -> list[Tensor]:
@@ -209,17 +209,17 @@ class OnnxRuntimeBackend(Backend):
         for name, t in feeds.items():
             binding.bind_input(name, "cuda", self._gpu_id, np.float32, tuple(t.shape), t.data_ptr())
         outputs = []
-        for name in GRAPH_SPECS[graph].outputs:
-            out = torch.empty(resolve_shape(shapes[name], symbols), dtype=torch.float32, device=self.device)
-            binding.bind_output(name, "cuda", self._gpu_id, np.float32, tuple(out.shape), out.data_ptr())
-            outputs.append(out)
-        # ONNX Runtime computes on its own CUDA stream: torch's writes to the inputs must be done.
-        torch.cuda.current_stream(self.device).synchronize()
         try:
+            for name in GRAPH_SPECS[graph].outputs:
+                out = torch.empty(resolve_shape(shapes[name], symbols), dtype=torch.float32, device=self.device)
+                binding.bind_output(name, "cuda", self._gpu_id, np.float32, tuple(out.shape), out.data_ptr())
+                outputs.append(out)
+            # ONNX Runtime computes on its own CUDA stream: torch's writes to the inputs must be done.
+            torch.cuda.current_stream(self.device).synchronize()
             session.run_with_iobinding(binding)
             binding.synchronize_outputs()
         except Exception as err:
-            raise BackendError(f"{graph}: ONNX Runtime failed: {type(err).__name__}: {str(err).strip()[:300]}") from None
+            raise _run_error(graph, err, inputs) from None
         return outputs
 
     def encoder(self, images: Tensor) -> Tensor:
@@ -238,3 +238,17 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": str(self.device), "providers": list(self.providers),
                 "onnx_dir": str(self.folder), "checkpoint_sha256": self.manifest.checkpoint_sha256}
+
+
+def _run_error(graph: str, err: BaseException, inputs: dict[str, Tensor]) -> BackendError:
+    """One error type per failure: OutOfDeviceMemory (the pipeline retries smaller), else BackendError."""
+    message = str(err).strip()
+    sizes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
+    lowered = message.lower()
+    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)) or any(
+        s in lowered for s in ("out of memory", "failed to allocate", "bad_alloc", "bad allocation")
+    ):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return OutOfDeviceMemory(f"{graph} with {sizes}: {type(err).__name__}: {message[:300]}")
+    return BackendError(f"{graph} with {sizes}: ONNX Runtime failed: {type(err).__name__}: {message[:300]}")
