@@ -11,7 +11,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,17 @@ class SegmentationDetails:
     embedding: np.ndarray
     num_candidates: int
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Prepared:
+    """One image, formatted and validated, with its model inputs (1, 3, S, S)."""
+
+    height: int
+    width: int
+    user_boxes: np.ndarray | None
+    model_input: Tensor
+    finder_input: Tensor | None
 
 
 class _Timer:
@@ -181,41 +192,147 @@ class CellSAM:
         """
         opts = self._options(bbox_threshold, chunk_size)
         backend = self.backend
-        size = backend.config.image_size
         timer = _Timer(backend)
 
         with timer.stage("preprocess"):
-            image3 = pre.format_image(image, channel_axis=channel_axis)
-            height, width = image3.shape[:2]
-            user_boxes = None if boxes is None else validate_boxes(boxes, height, width)
-            if normalize:
-                image3 = pre.normalize_image(image3)
-            elif image3.min() < 0 or image3.max() > 1:
-                raise ValueError(
-                    f"image: with normalize=False values must lie in [0, 1], found [{image3.min():g}, {image3.max():g}]"
-                )
-            tensor = pre.to_tensor(image3)
-            model_input = pre.embedding_input(tensor, size, backend.adapted_inputs)
-            if user_boxes is None:
-                finder_input = pre.cellfinder_input(tensor, size, backend.adapted_inputs)
+            item = self._prepare(image, boxes, normalize, channel_axis)
 
         with self._device_lock:
             with timer.stage("encoder"):
-                embedding = backend.encoder(model_input)
-
-            if user_boxes is None:
+                embedding = backend.encoder(item.model_input)
+            finder = None
+            if item.user_boxes is None:
                 with timer.stage("cellfinder"):
-                    logits, raw_boxes = backend.cellfinder(finder_input)
-                    scores, boxes_model = post.score_boxes(logits[0], raw_boxes[0], size)
-                    scores, boxes_model = post.select_boxes(scores, boxes_model, opts.bbox_threshold)
-            else:
-                scale = np.array([size / width, size / height] * 2, dtype=np.float32)
-                boxes_model = torch.from_numpy(user_boxes * scale).to(backend.device)
-                scores = torch.full((len(user_boxes),), float("nan"), device=backend.device)
+                    logits, raw_boxes = backend.cellfinder(item.finder_input)
+                    finder = (logits[0], raw_boxes[0])
+            decoded = self._boxes_and_masks(embedding, finder, item, opts, timer, progress)
 
-            with timer.stage("decoder"):
-                painter, kept, kept_iou = self._decode(embedding, boxes_model, (height, width), opts, progress)
+        labels, details = self._finish(embedding, item, decoded, opts, timer, postprocess, remove_boundaries, return_details)
+        if not labels.any():
+            warnings.warn("No cells detected in the image; returning all-zero labels.", NoCellsWarning, stacklevel=2)
+        return (labels, details) if return_details else labels
 
+    def segment_batch(
+        self,
+        images: Sequence[Any],
+        *,
+        boxes: Sequence[Any] | None = None,
+        bbox_threshold: float | None = None,
+        normalize: bool = True,
+        postprocess: bool = False,
+        remove_boundaries: bool = False,
+        chunk_size: int | None = None,
+        channel_axis: int | None = None,
+        return_details: bool = False,
+        warn_empty: bool = True,
+    ) -> list[np.ndarray] | list[tuple[np.ndarray, SegmentationDetails]]:
+        """Segment several images with ONE batched encoder call and ONE batched CellFinder call.
+
+        Each image gets exactly what ``segment`` would compute for it alone (same
+        preprocessing, thresholds and clean-up; batched graph calls may differ from single
+        ones in the last float bits). Images may differ in size: each is squashed to the
+        model input on its own. Tiles of a large image (``cellsam_trt.tiling``) come here.
+
+        Args:
+            images: B images, each as ``segment`` accepts.
+            boxes: None, or B entries each None (CellFinder) or (N_i, 4) user boxes.
+            warn_empty: emit a ``NoCellsWarning`` per image without cells.
+            other arguments: as ``segment``, applied to every image.
+
+        Returns:
+            B label images (H_i, W_i) int32, or B (labels, details) tuples. In each
+            ``details.timings`` the encoder and cellfinder times are the batch's time
+            divided by the number of images that went through that graph.
+        """
+        images = list(images)
+        if boxes is None:
+            boxes = [None] * len(images)
+        else:
+            boxes = list(boxes)
+            if len(boxes) != len(images):
+                raise ValueError(f"boxes: expected one entry per image ({len(images)}), got {len(boxes)}")
+        if not images:
+            return []
+        opts = self._options(bbox_threshold, chunk_size)
+        backend = self.backend
+        timers = [_Timer(backend) for _ in images]
+        items = []
+        for index, (image, user_boxes) in enumerate(zip(images, boxes)):
+            with timers[index].stage("preprocess"):
+                try:
+                    items.append(self._prepare(image, user_boxes, normalize, channel_axis))
+                except ValueError as err:
+                    raise ValueError(f"images[{index}]: {err}") from None
+
+        finder_index = [i for i, item in enumerate(items) if item.user_boxes is None]
+        with self._device_lock:
+            t0 = time.perf_counter()
+            embeddings = backend.encoder(torch.cat([item.model_input for item in items]))
+            backend.synchronize()
+            _share(timers, range(len(items)), "encoder", time.perf_counter() - t0)
+            finder: dict[int, tuple[Tensor, Tensor]] = {}
+            if finder_index:
+                t0 = time.perf_counter()
+                logits, raw_boxes = backend.cellfinder(torch.cat([items[i].finder_input for i in finder_index]))
+                backend.synchronize()
+                _share(timers, finder_index, "cellfinder", time.perf_counter() - t0)
+                finder = {i: (logits[j], raw_boxes[j]) for j, i in enumerate(finder_index)}
+            decoded = [
+                self._boxes_and_masks(embeddings[i:i + 1], finder.get(i), item, opts, timers[i], False)
+                for i, item in enumerate(items)
+            ]
+
+        results = []
+        for i, item in enumerate(items):
+            labels, details = self._finish(
+                embeddings[i:i + 1], item, decoded[i], opts, timers[i], postprocess, remove_boundaries, return_details,
+            )
+            if warn_empty and not labels.any():
+                warnings.warn(f"No cells detected in image {i} of the batch; returning all-zero labels.",
+                              NoCellsWarning, stacklevel=2)
+            results.append((labels, details) if return_details else labels)
+        return results
+
+    def _prepare(self, image: Any, boxes: Any, normalize: bool, channel_axis: int | None) -> "_Prepared":
+        """Validate and format one image; build both model inputs (the CellFinder one only without user boxes)."""
+        backend = self.backend
+        size = backend.config.image_size
+        image3 = pre.format_image(image, channel_axis=channel_axis)
+        height, width = image3.shape[:2]
+        user_boxes = None if boxes is None else validate_boxes(boxes, height, width)
+        if normalize:
+            image3 = pre.normalize_image(image3)
+        elif image3.min() < 0 or image3.max() > 1:
+            raise ValueError(
+                f"image: with normalize=False values must lie in [0, 1], found [{image3.min():g}, {image3.max():g}]"
+            )
+        tensor = pre.to_tensor(image3)
+        model_input = pre.embedding_input(tensor, size, backend.adapted_inputs)
+        finder_input = pre.cellfinder_input(tensor, size, backend.adapted_inputs) if user_boxes is None else None
+        return _Prepared(height, width, user_boxes, model_input, finder_input)
+
+    def _boxes_and_masks(self, embedding: Tensor, finder: tuple[Tensor, Tensor] | None, item: "_Prepared",
+                         opts: InferenceConfig, timer: _Timer, progress: bool) -> tuple:
+        """Boxes in model space (CellFinder's, thresholded, or the user's), then decoded and painted masks."""
+        backend = self.backend
+        size = backend.config.image_size
+        if finder is not None:
+            with timer.stage("cellfinder"):
+                scores, boxes_model = post.score_boxes(finder[0], finder[1], size)
+                scores, boxes_model = post.select_boxes(scores, boxes_model, opts.bbox_threshold)
+        else:
+            scale = np.array([size / item.width, size / item.height] * 2, dtype=np.float32)
+            boxes_model = torch.from_numpy(item.user_boxes * scale).to(backend.device)
+            scores = torch.full((len(item.user_boxes),), float("nan"), device=backend.device)
+        with timer.stage("decoder"):
+            painter, kept, kept_iou = self._decode(embedding, boxes_model, (item.height, item.width), opts, progress)
+        return boxes_model, scores, painter, kept, kept_iou
+
+    def _finish(self, embedding: Tensor, item: "_Prepared", decoded: tuple, opts: InferenceConfig, timer: _Timer,
+                postprocess: bool, remove_boundaries: bool, return_details: bool,
+                ) -> tuple[np.ndarray, SegmentationDetails | None]:
+        """Clean-up of the painted labels, and the details."""
+        boxes_model, scores, painter, kept, kept_iou = decoded
         with timer.stage("postprocess"):
             labels = painter.result().cpu().numpy()
             dropped = len(boxes_model) - len(kept)
@@ -227,14 +344,12 @@ class CellSAM:
             labels = post.fill_holes_and_remove_small(labels, opts.min_size)
             if remove_boundaries:
                 labels = post.remove_boundaries(labels)
-        if len(kept) == 0 or not labels.any():
-            warnings.warn("No cells detected in the image; returning all-zero labels.", NoCellsWarning, stacklevel=2)
-
         if not return_details:
-            return labels
-        scale_back = np.array([width / size, height / size] * 2, dtype=np.float32)
+            return labels, None
+        size = self.backend.config.image_size
+        scale_back = np.array([item.width / size, item.height / size] * 2, dtype=np.float32)
         details = SegmentationDetails(
-            boxes=boxes_model.cpu().numpy()[kept] * scale_back if user_boxes is None else user_boxes[kept],
+            boxes=boxes_model.cpu().numpy()[kept] * scale_back if item.user_boxes is None else item.user_boxes[kept],
             scores=scores.cpu().numpy()[kept],
             iou=kept_iou,
             labels_of_boxes=_labels_of_boxes(before, labels, len(kept)),
@@ -300,6 +415,13 @@ class CellSAM:
         if self.backend.max_decoder_boxes is not None:
             opts = replace(opts, chunk_size=min(opts.chunk_size, self.backend.max_decoder_boxes))
         return opts
+
+
+def _share(timers: list[_Timer], indices, stage: str, seconds: float) -> None:
+    """Spread the time of one batched graph call evenly over the images that took part."""
+    indices = list(indices)
+    for i in indices:
+        timers[i].timings[stage] = timers[i].timings.get(stage, 0.0) + seconds / len(indices)
 
 
 def _progress(total: int, chunk: int, enabled: bool):

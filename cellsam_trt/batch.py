@@ -1,0 +1,351 @@
+"""``cellsam-trt segment INPUT... -o OUTDIR``: segment image files, folders and globs.
+
+Per image the command writes, atomically (temp file + rename, so an interrupted run never
+leaves a half-written file):
+
+- ``<name>_labels.tif``: (H, W) labels, int32 (uint32 above 65535 cells), zlib-compressed;
+- ``<name>_overlay.png`` with ``--overlay``: the image with cells tinted and outlined;
+- ``<name>_cells.csv`` with ``--csv``: one row per cell: label, prompt box (x1, y1, x2, y2),
+  CellFinder score (empty for none), predicted IoU, area (px), centroid (y, x).
+
+Images larger than ``--tile-size`` go through ``tiling.segment_large`` (overlapping tiles,
+stitched into one label image); smaller ones through ``CellSAM.segment``. One model is
+loaded for the whole run. A file that cannot be read or segmented is reported and skipped;
+the exit status is 1 when any input failed. ``--resume`` skips images whose requested
+outputs all exist.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .tiling import IMAGE_SUFFIXES, open_image
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ inputs
+
+def is_image_path(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.suffix.lower() == ".zarr"
+
+
+def _inside_zarr(path: Path) -> bool:
+    return any(_is_zarr(parent) for parent in path.parents)
+
+
+def expand_inputs(inputs: list[str], recursive: bool = False, exclude: Path | None = None
+                  ) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files, folders (their image files; with ``recursive`` also sub-folders) and glob
+    patterns -> (image paths in order, without duplicates; inputs that matched nothing with
+    the reason). Paths under ``exclude`` (the output folder) are left out."""
+    found: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    excluded = exclude.resolve() if exclude is not None else None
+
+    def outside(p: Path) -> bool:
+        return excluded is None or not p.resolve().is_relative_to(excluded)
+
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir() and not _is_zarr(path):
+            walker = path.rglob("*") if recursive else path.iterdir()
+            files = sorted(p for p in walker if is_image_path(p) and (p.is_file() or _is_zarr(p)) and outside(p)
+                           and not _inside_zarr(p.relative_to(path)))
+            if not files:
+                problems.append((item, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"))
+            found.extend(files)
+        elif path.exists():
+            found.append(path)
+        elif glob.has_magic(item):
+            matches = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
+            matches = [m for m in matches if is_image_path(m) and outside(m) and not _inside_zarr(m)]
+            if not matches:
+                problems.append((item, "pattern matches no image files"))
+            found.extend(matches)
+        else:
+            problems.append((item, "no such file or folder"))
+    seen, unique = set(), []
+    for p in found:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique, problems
+
+
+def output_stem(path: Path) -> str:
+    """File name without its image suffix(es): ``a.ome.tif`` -> ``a``."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif") + IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """Output names; inputs with the same name in different folders get their folder prefixed."""
+    stems = [output_stem(p) for p in paths]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    out, used = [], set()
+    for p, s in zip(paths, stems):
+        name = s if counts[s] == 1 else f"{p.parent.name}__{s}"
+        base, k = name, 2
+        while name in used:
+            name = f"{base}_{k}"
+            k += 1
+        used.add(name)
+        out.append(name)
+    return out
+
+
+class ChannelView:
+    """Lazy (H, W, 2) [nuclear, whole-cell] view of chosen channels of a multi-channel array.
+
+    A missing channel reads as zeros (as ``segment`` treats a 1-channel image).
+    """
+
+    def __init__(self, array: Any, axis: int, nuclear: int | None, whole_cell: int | None) -> None:
+        self.array = array
+        self.axis = axis
+        self.picks = (nuclear, whole_cell)
+        spatial = [int(s) for i, s in enumerate(array.shape) if i != axis]
+        self.shape = (spatial[0], spatial[1], 2)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = 3
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        spatial = list(index[:2]) + [slice(None)] * (2 - len(index[:2]))
+        planes = []
+        for pick in self.picks:
+            if pick is None:
+                planes.append(None)
+                continue
+            full = list(spatial)
+            full.insert(self.axis, pick)
+            planes.append(np.asarray(self.array[tuple(full)]))
+        shape = next(p.shape for p in planes if p is not None)
+        stack = np.stack([p if p is not None else np.zeros(shape, self.dtype) for p in planes], axis=-1)
+        return stack[(slice(None), slice(None)) + tuple(index[2:])] if len(index) > 2 else stack
+
+
+def select_channels(array: Any, channel_axis: int | None, nuclear: int | None, whole_cell: int | None) -> Any:
+    """Apply ``--nuclear-channel`` / ``--whole-cell-channel`` (indices along the channel axis)."""
+    shape = tuple(int(s) for s in array.shape)
+    if channel_axis is not None and not -3 <= channel_axis <= 2:
+        raise ValueError(f"--channel-axis {channel_axis}: expected 0, 1, 2 or negative")
+    axis = (int(np.argmin(shape)) if channel_axis is None else channel_axis % 3) if len(shape) == 3 else None
+    if nuclear is None and whole_cell is None:
+        if axis is not None and shape[axis] > 3:
+            raise ValueError(f"the image has {shape[axis]} channels on axis {axis} (shape {shape}); choose them "
+                             "with --nuclear-channel and/or --whole-cell-channel")
+        return array
+    if axis is None:
+        raise ValueError(f"--nuclear-channel/--whole-cell-channel need a multi-channel image, got shape {shape}")
+    for flag, value in (("--nuclear-channel", nuclear), ("--whole-cell-channel", whole_cell)):
+        if value is not None and not 0 <= value < shape[axis]:
+            raise ValueError(f"{flag} {value}: the image has {shape[axis]} channels on axis {axis} (shape {shape})")
+    return ChannelView(array, axis, nuclear, whole_cell)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+@dataclass
+class Outputs:
+    labels: Path
+    overlay: Path | None
+    cells: Path | None
+
+    def all(self) -> list[Path]:
+        return [p for p in (self.labels, self.overlay, self.cells) if p is not None]
+
+    def done(self) -> bool:
+        return all(p.exists() for p in self.all())
+
+
+def cell_rows(labels: np.ndarray, details: Any) -> list[list]:
+    """One row per label present: label, x1, y1, x2, y2, score, iou, area, centroid_y, centroid_x."""
+    flat = labels.ravel().astype(np.int64)
+    n = int(flat.max()) + 1 if flat.size else 1
+    area = np.bincount(flat, minlength=n)
+    ys, xs = np.divmod(np.arange(flat.size), labels.shape[1])
+    cy = np.bincount(flat, weights=ys, minlength=n) / np.maximum(area, 1)
+    cx = np.bincount(flat, weights=xs, minlength=n) / np.maximum(area, 1)
+
+    def num(v, digits=2):
+        return "" if not np.isfinite(v) else round(float(v), digits)
+
+    rows = []
+    for label in np.flatnonzero(area[1:]) + 1:
+        k = label - 1
+        box = details.boxes[k] if k < len(details.boxes) else np.full(4, np.nan)
+        score = details.scores[k] if k < len(details.scores) else np.nan
+        iou = details.iou[k] if k < len(details.iou) else np.nan
+        rows.append([int(label), *(num(b) for b in box), num(score, 4), num(iou, 4), int(area[label]),
+                     num(cy[label]), num(cx[label])])
+    return rows
+
+
+CSV_HEADER = ["label", "x1", "y1", "x2", "y2", "score", "iou", "area", "centroid_y", "centroid_x"]
+
+
+def write_cells_csv(path: Path, rows: list[list]) -> Path:
+    from .io import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(CSV_HEADER)
+            writer.writerows(rows)
+
+    return atomic_write(path, write)
+
+
+# --------------------------------------------------------------------------------- run
+
+def segment_one(session: Any, path: Path, outputs: Outputs, args: argparse.Namespace) -> int:
+    """Segment one file and write its outputs; returns the number of cells."""
+    raw = open_image(path)
+    try:
+        return _segment_opened(session, raw, outputs, args)
+    finally:
+        if hasattr(raw, "close"):
+            raw.close()
+
+
+def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Namespace) -> int:
+    from .io import overlay, write_labels_tiff, write_png
+    from .pipeline import NoCellsWarning
+    from .tiling import ImageSource, details_from_segmentation, segment_large
+
+    image = select_channels(raw, args.channel_axis, args.nuclear_channel, args.whole_cell_channel)
+    axis = None if isinstance(image, ChannelView) else args.channel_axis
+    options = dict(bbox_threshold=args.bbox_threshold, postprocess=args.postprocess,
+                   remove_boundaries=args.remove_boundaries)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoCellsWarning)  # an empty image is a result, reported in the summary
+        if args.no_tiling:
+            source = ImageSource(image, axis)
+            full = source.read(0, source.height, 0, source.width)
+            labels, seg = session.segment(full, channel_axis=-1, return_details=True, **options)
+            details = details_from_segmentation(labels, seg)
+        else:
+            labels, details = segment_large(session, image, tile_size=args.tile_size, overlap=args.overlap,
+                                            batch_size=args.batch_size, channel_axis=axis, return_details=True,
+                                            **options)
+    # outputs first, labels last: with --resume an interrupted image is redone
+    if outputs.cells is not None:
+        write_cells_csv(outputs.cells, cell_rows(labels, details))
+    if outputs.overlay is not None:
+        source = ImageSource(image, axis)
+        write_png(outputs.overlay, overlay(source.read(0, source.height, 0, source.width), labels))
+    write_labels_tiff(outputs.labels, labels)
+    return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .pipeline import CellSAM
+    from .tiling import check_tiling
+
+    if not args.no_tiling:
+        check_tiling(args.tile_size, args.overlap)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    outdir = Path(args.outdir)
+    paths, problems = expand_inputs(args.inputs, args.recursive, exclude=outdir)
+    failed: list[tuple[str, str]] = list(problems)
+    for item, reason in problems:
+        print(f"cellsam-trt segment: {item}: {reason}", file=sys.stderr)
+    if not paths:
+        print(f"cellsam-trt segment: no images to segment ({len(problems)} inputs matched nothing)", file=sys.stderr)
+        return 1
+    stems = unique_stems(paths)
+    plan = [(p, Outputs(outdir / f"{s}_labels.tif", outdir / f"{s}_overlay.png" if args.overlay else None,
+                        outdir / f"{s}_cells.csv" if args.csv else None)) for p, s in zip(paths, stems)]
+    todo = [(p, o) for p, o in plan if not (args.resume and o.done())]
+    skipped = len(plan) - len(todo)
+
+    t0 = time.perf_counter()
+    done, cells, empty = 0, 0, 0
+    if todo:
+        session = CellSAM.from_checkpoint(args.checkpoint, backend=args.backend, device=args.device)
+        from tqdm import tqdm
+
+        bar = tqdm(todo, desc="segmenting", unit="image", disable=args.no_progress)
+        for path, outputs in bar:
+            bar.set_postfix_str(path.name, refresh=False)
+            try:
+                n = segment_one(session, path, outputs, args)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as err:  # one bad file must not stop the batch
+                reason = f"{type(err).__name__}: {err}" if not isinstance(err, (ValueError, OSError)) else str(err)
+                failed.append((str(path), reason))
+                tqdm.write(f"cellsam-trt segment: {path}: FAILED: {reason}", file=sys.stderr)
+                if args.verbose:
+                    log.exception("%s failed", path)
+                continue
+            done += 1
+            cells += n
+            empty += n == 0
+    seconds = time.perf_counter() - t0
+
+    print(f"segmented {done} of {len(plan)} images in {seconds:.1f} s: {cells} cells"
+          + (f", {empty} images without cells" if empty else "")
+          + (f"; skipped {skipped} already done (--resume)" if skipped else "")
+          + (f"; {len(failed)} failed" if failed else "")
+          + f"; outputs in {outdir}")
+    if failed:
+        print("failed:", file=sys.stderr)
+        for item, reason in failed:
+            print(f"  {item}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "segment", help="segment image files, folders or globs; write label TIFFs (and overlays, cell tables)",
+        description="Segment images; per image write <name>_labels.tif (and with --overlay / --csv an overlay PNG "
+                    "and a per-cell table). Images larger than --tile-size are tiled and stitched.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files (.tif/.tiff/OME-TIFF, .png, .jpg, .npy, .zarr), folders or glob patterns")
+    p.add_argument("-o", "--outdir", required=True, help="output folder (created if needed)")
+    p.add_argument("--checkpoint", help="CellSAM weights (default: ~/.deepcell/models/cellsam_v1.2/cellsam_general.pt)")
+    p.add_argument("--backend", default="torch", help="engine kind: torch, onnxruntime, tensorrt (default torch)")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.add_argument("--channel-axis", type=int, help="axis of the channels (default: the smallest axis)")
+    p.add_argument("--nuclear-channel", type=int, metavar="I", help="index of the nuclear channel on the channel axis")
+    p.add_argument("--whole-cell-channel", type=int, metavar="I",
+                   help="index of the whole-cell (membrane / cytoplasm) channel on the channel axis")
+    p.add_argument("--bbox-threshold", type=float, help="CellFinder confidence weight (default 0.4)")
+    p.add_argument("--tile-size", type=int, default=1024, help="tile side for images larger than it (default 1024)")
+    p.add_argument("--overlap", type=int, default=128, help="minimum tile overlap in px (default 128)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per encoder / CellFinder call (default 4)")
+    p.add_argument("--no-tiling", action="store_true", help="squash every image to the model input, however large")
+    p.add_argument("--postprocess", action="store_true", help="the released morphological clean-up")
+    p.add_argument("--remove-boundaries", action="store_true", help="zero a one-pixel outline around each cell")
+    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")
+    p.add_argument("--csv", action="store_true", help="also write <name>_cells.csv (one row per cell)")
+    p.add_argument("--resume", action="store_true", help="skip images whose requested outputs all exist")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

@@ -1,0 +1,161 @@
+"""``cellsam-trt segment``: files, folders, globs, formats, channels, bad files, --resume."""
+import csv
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from cellsam_trt import CellSAM, NoCellsWarning
+from cellsam_trt.batch import expand_inputs, output_stem, unique_stems
+from cellsam_trt.checkpoint import write_checkpoint
+from cellsam_trt.cli import main
+from cellsam_trt.scale import synthetic_slide
+from cellsam_trt.tiling import segment_large
+
+
+@pytest.fixture(scope="module")
+def checkpoint(steered_tiny, tmp_path_factory):
+    return str(write_checkpoint(steered_tiny, tmp_path_factory.mktemp("weights") / "tiny.pt"))
+
+
+@pytest.fixture(scope="module")
+def session(checkpoint):
+    return CellSAM.from_checkpoint(checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def slide():
+    """(600, 384, 2) uint16; big cells, so the random weights give a few dozen detections."""
+    return synthetic_slide(600, 384, density=0.25, cell_radius=20, seed=1)[0]
+
+
+@pytest.fixture(scope="module")
+def plane(slide):
+    """(256, 256) uint8 whole-cell plane: a handful of detections."""
+    return (slide[:256, :256, 1] // 16).astype(np.uint8)
+
+
+def run_cli(*args):
+    return main(["segment", *map(str, args), "--device", "cpu", "--no-progress"])
+
+
+def quiet_segment(session, image, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoCellsWarning)
+        return session.segment(image, **kwargs)
+
+
+def test_folder_with_a_corrupt_file_then_resume(checkpoint, session, plane, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    tifffile.imwrite(data / "a.tif", plane)
+    cv2.imwrite(str(data / "b.png"), plane)
+    np.save(data / "c.npy", plane)
+    (data / "bad.tif").write_bytes(b"II*\x00 this is not a tiff" + bytes(range(256)))
+    (data / "notes.txt").write_text("not an image, ignored")
+    out = tmp_path / "out"
+
+    rc = run_cli(data, tmp_path / "missing.tif", "-o", out, "--checkpoint", checkpoint, "--csv", "--overlay")
+    captured = capsys.readouterr()
+    assert rc == 1  # the bad file and the missing input fail, the rest succeed
+    assert "bad.tif" in captured.err and "missing.tif" in captured.err
+    assert "segmented 3 of 4 images" in captured.out and "2 failed" in captured.out
+    expected = quiet_segment(session, plane)
+    assert expected.max() >= 1
+    for name in "abc":
+        labels = tifffile.imread(out / f"{name}_labels.tif")
+        np.testing.assert_array_equal(labels, expected)  # every reader gives the same pixels
+        overlay = cv2.imread(str(out / f"{name}_overlay.png"))
+        assert overlay.shape == (256, 256, 3)
+        with open(out / f"{name}_cells.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [int(r["label"]) for r in rows] == sorted(set(np.unique(labels)) - {0})
+        for r in rows:
+            mask = labels == int(r["label"])
+            assert int(r["area"]) == mask.sum()
+            assert float(r["centroid_y"]) == pytest.approx(np.nonzero(mask)[0].mean(), abs=0.01)
+            if r["x1"]:  # the prompt box of the label (empty if its mask was merged away)
+                assert float(r["x1"]) <= float(r["x2"]) and float(r["y1"]) <= float(r["y2"]) and float(r["iou"]) >= 0.5
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temp files left
+    assert not (out / "bad_labels.tif").exists()
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rc = run_cli(data, "-o", out, "--checkpoint", checkpoint, "--csv", "--overlay", "--resume")
+    captured = capsys.readouterr()
+    assert rc == 1 and "skipped 3 already done" in captured.out and "bad.tif" in captured.err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing rewritten
+
+    (data / "bad.tif").unlink()
+    (out / "b_cells.csv").unlink()  # an incomplete image is redone
+    rc = run_cli(data, "-o", out, "--checkpoint", checkpoint, "--csv", "--overlay", "--resume")
+    captured = capsys.readouterr()
+    assert rc == 0 and "segmented 1 of 3 images" in captured.out and "skipped 2" in captured.out
+    assert (out / "b_cells.csv").exists()
+
+
+def test_channel_options_and_glob(checkpoint, session, plane, tmp_path, capsys):
+    stack = np.zeros((4, 256, 256), np.uint8)
+    stack[1] = 255 - plane
+    stack[3] = plane
+    tifffile.imwrite(tmp_path / "multi.ome.tif", stack, ome=True)
+    np.save(tmp_path / "other.npy", plane)
+    out = tmp_path / "out"
+
+    # four channels: the command says which options to use
+    assert run_cli(tmp_path / "multi.ome.tif", "-o", out, "--checkpoint", checkpoint) == 1
+    assert "--nuclear-channel" in capsys.readouterr().err
+    assert run_cli(tmp_path / "multi.ome.tif", "-o", out, "--checkpoint", checkpoint, "--whole-cell-channel", "4") == 1
+    assert "--whole-cell-channel 4" in capsys.readouterr().err
+
+    # a glob picks only the OME file; the whole-cell channel alone is the 2-D image
+    rc = run_cli(tmp_path / "*.ome.tif", "-o", out, "--checkpoint", checkpoint, "--whole-cell-channel", "3",
+                 "--channel-axis", "0")
+    assert rc == 0 and "segmented 1 of 1" in capsys.readouterr().out
+    np.testing.assert_array_equal(tifffile.imread(out / "multi_labels.tif"), quiet_segment(session, plane))
+    assert not (out / "other_labels.tif").exists()
+
+
+def test_large_images_are_tiled(checkpoint, session, slide, tmp_path, capsys):
+    np.save(tmp_path / "slide.npy", slide)
+    out = tmp_path / "out"
+    rc = run_cli(tmp_path / "slide.npy", "-o", out, "--checkpoint", checkpoint, "--tile-size", "384", "--overlap", "64")
+    assert rc == 0
+    expected = segment_large(session, slide, tile_size=384, overlap=64)
+    assert expected.max() >= 2
+    np.testing.assert_array_equal(tifffile.imread(out / "slide_labels.tif"), expected)
+
+    rc = run_cli(tmp_path / "slide.npy", "-o", tmp_path / "whole", "--checkpoint", checkpoint, "--no-tiling")
+    assert rc == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "whole" / "slide_labels.tif"),
+                                  quiet_segment(session, slide))
+    capsys.readouterr()
+
+
+def test_bad_options_are_one_line_errors(checkpoint, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((64, 64), np.uint8))
+    assert run_cli(tmp_path / "x.npy", "-o", tmp_path / "o", "--checkpoint", checkpoint, "--overlap", "999") == 1
+    assert "overlap" in capsys.readouterr().err
+    assert run_cli(tmp_path / "x.npy", "-o", tmp_path / "o", "--checkpoint", tmp_path / "nope.pt") == 1
+    assert "nope.pt" in capsys.readouterr().err
+    assert run_cli(tmp_path / "nothing-*.tif", "-o", tmp_path / "o", "--checkpoint", checkpoint) == 1
+    assert "matches no image" in capsys.readouterr().err
+
+
+def test_input_expansion_and_output_names(tmp_path):
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d2" / "deep").mkdir(parents=True)
+    for p in ["d1/img.tif", "d2/img.tif", "d2/deep/x.png", "d1/readme.md", "d1/y.ome.tiff"]:
+        (tmp_path / p).write_bytes(b"")
+    (tmp_path / "d1" / "store.zarr").mkdir()
+    (tmp_path / "d1" / "store.zarr" / "0.tif").write_bytes(b"")  # inside a zarr store: not an input
+    paths, problems = expand_inputs([str(tmp_path / "d1"), str(tmp_path / "d2")])
+    names = sorted(str(p.relative_to(tmp_path)) for p in paths)
+    assert names == ["d1/img.tif", "d1/store.zarr", "d1/y.ome.tiff", "d2/img.tif"] and not problems
+    paths, _ = expand_inputs([str(tmp_path / "d2")], recursive=True)
+    assert sorted(p.name for p in paths) == ["img.tif", "x.png"]
+    paths, problems = expand_inputs([str(tmp_path / "**" / "*.tif"), str(tmp_path / "d1" / "img.tif")])
+    assert len(paths) == 2 and not problems  # the glob and the file name the same image once
+    assert output_stem(tmp_path / "y.ome.tiff") == "y" and output_stem(tmp_path / "s.zarr") == "s"
+    assert unique_stems([tmp_path / "d1" / "img.tif", tmp_path / "d2" / "img.tif"]) == ["d1__img", "d2__img"]

@@ -1,0 +1,111 @@
+"""dask.distributed: two workers give the labels of the single-process path; one model per worker."""
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+zarr = pytest.importorskip("zarr")
+
+from distributed import Client, LocalCluster, get_task_stream  # noqa: E402
+
+from cellsam_trt import CellSAM  # noqa: E402
+from cellsam_trt.checkpoint import write_checkpoint  # noqa: E402
+from cellsam_trt.scale import prepare_workers, segment_dask, synthetic_slide, worker_device  # noqa: E402
+from cellsam_trt.tiling import TileGrid, segment_large  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(steered_tiny, tmp_path_factory):
+    return write_checkpoint(steered_tiny, tmp_path_factory.mktemp("weights") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def client():
+    # in-process workers start in milliseconds; each still loads its own session
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    client = Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def session(checkpoint):
+    return CellSAM.from_checkpoint(checkpoint, device="cpu")
+
+
+def test_two_workers_give_the_single_process_labels(client, checkpoint, session, tmp_path):
+    image = synthetic_slide(600, 384, density=0.25, cell_radius=20, seed=1)[0]
+    options = dict(tile_size=384, overlap=64, batch_size=1)  # one tile per task: both workers get work
+    expected, exp_details = segment_large(session, image, return_details=True, **options)
+    assert expected.max() >= 2
+    with get_task_stream(client) as stream:
+        labels, details = segment_dask(image, client, output=tmp_path / "out.zarr", checkpoint=checkpoint,
+                                       return_details=True, **options)
+    assert isinstance(labels, zarr.Array) and labels.dtype == expected.dtype
+    np.testing.assert_array_equal(labels[...], expected)
+    np.testing.assert_array_equal(details.boxes, exp_details.boxes)
+    np.testing.assert_array_equal(details.tile_of_cell, exp_details.tile_of_cell)
+    group = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    assert group.attrs["num_cells"] == expected.max() and group.attrs["complete"]
+    assert "_scratch" not in group  # intermediate arrays removed
+    np.testing.assert_array_equal(group["cells/iou"][...], exp_details.iou)
+    # the two tile tasks ran on both workers
+    tile_workers = {t["worker"] for t in stream.data if "_task_tiles" in str(t["key"])}
+    assert len(tile_workers) == 2
+
+
+def test_user_boxes_small_chunks_remove_boundaries_from_a_tiff_path(client, checkpoint, session, tmp_path):
+    import tifffile
+
+    image, cells = synthetic_slide(1100, 700, seed=3)
+    grid = TileGrid.plan(1100, 700, 512, 64)
+    owners = grid.owner((cells[:, 1] + cells[:, 3]) / 2, (cells[:, 0] + cells[:, 2]) / 2)
+    boxes = np.concatenate([cells[owners == k][:3] for k in (0, 4)])
+    options = dict(tile_size=512, overlap=64, boxes=boxes, remove_boundaries=True)
+    expected = segment_large(session, image, **options)
+    assert expected.max() >= 2
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, np.moveaxis(image, -1, 0), compression="zlib", tile=(256, 256))  # (C, H, W)
+    # 256-px output chunks: stitching and outlines cross many chunk borders
+    labels = segment_dask(str(path), client, output=tmp_path / "out.zarr", checkpoint=checkpoint, block=256,
+                          **options)
+    assert labels.chunks == (256, 256)
+    np.testing.assert_array_equal(labels[...], expected)
+
+
+def test_each_worker_loads_the_model_once(client, checkpoint):
+    name = prepare_workers(client, checkpoint)
+    again = prepare_workers(client, checkpoint)  # same configuration: nothing reloads
+    assert name == again
+
+    def loads(dask_worker):
+        plugin = dask_worker.plugins[name]
+        return plugin.loads, id(plugin.session), str(plugin.session.backend.device)
+
+    per_worker = client.run(loads)
+    assert len(per_worker) == 2
+    assert all(n == 1 for n, _, _ in per_worker.values())
+    assert len({sid for _, sid, _ in per_worker.values()}) == 2  # one session per worker
+    assert {dev for _, _, dev in per_worker.values()} == {"cpu"}
+
+
+def test_existing_output_is_not_overwritten(client, checkpoint, tmp_path):
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        segment_dask(np.zeros((300, 300)), client, output=out, checkpoint=checkpoint)
+    with pytest.raises(ValueError, match="overlap"):
+        segment_dask(np.zeros((300, 300)), client, output=tmp_path / "x.zarr", checkpoint=checkpoint, overlap=-3)
+
+
+def test_worker_device_choice():
+    import torch
+
+    assert worker_device("cuda:3", "anything") == "cuda:3"
+    assert worker_device("cpu", 0) == "cpu"
+    if not torch.cuda.is_available():
+        assert worker_device(None, 1) == "cpu"
+        from cellsam_trt.runtime import BackendError
+
+        with pytest.raises(BackendError, match="CUDA"):
+            worker_device("cuda", 0)
