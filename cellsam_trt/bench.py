@@ -50,7 +50,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -579,6 +579,7 @@ class BenchOptions:
     baseline_repeats: int = 3
     caps: dict[str, int] = field(default_factory=dict)
     chunk_size: int | None = None
+    bbox_threshold: float = 0.4
     masks: str = "auto"
     image_size: int = 1024
     cells: int = 800
@@ -603,6 +604,8 @@ class BenchOptions:
         for key, cap in self.caps.items():
             if key not in ("baseline",) + BACKEND_KINDS or cap < 0:
                 raise ValueError(f"cap: expected NAME=N with NAME in baseline, {', '.join(BACKEND_KINDS)}, got {key}={cap}")
+        if not 0 <= self.bbox_threshold <= 1:
+            raise ValueError(f"bbox_threshold: expected a number in [0, 1], got {self.bbox_threshold}")
         if self.onnx_dir and self.export_onnx:
             raise ValueError("onnx_dir/export_onnx: give one of them, not both")
 
@@ -610,11 +613,12 @@ class BenchOptions:
 def smoke_options(out_dir: str) -> BenchOptions:
     """Seconds on a CPU: tiny config, N <= 10, one repeat, no warm-up, a 256x256 image.
 
-    The CellFinder run decodes however many boxes CellFinder keeps (about a hundred with
-    steered tiny weights); the baseline, capped at N <= 10, skips it.
+    ``bbox_threshold=1.0`` raises CellFinder's dynamic threshold so that its run decodes
+    the few most confident boxes instead of a hundred or more; the baseline, capped at
+    N <= 10, skips it when more remain.
     """
     return BenchOptions(config="tiny", device="cpu", ns=SMOKE_NS, warmup=0, repeats=1, baseline_repeats=1,
-                        caps={"baseline": max(SMOKE_NS)}, image_size=256, cells=40, preprocess_repeats=1,
+                        caps={"baseline": max(SMOKE_NS)}, bbox_threshold=1.0, image_size=256, cells=40, preprocess_repeats=1,
                         out_dir=out_dir, smoke=True, painter=True, painter_ns=SMOKE_NS)
 
 
@@ -785,7 +789,9 @@ def run_bench(opts: BenchOptions, network=None) -> dict[str, Any]:
         weights = {"weights": "given network", "config": network.config.name}
     masks = opts.masks if opts.masks != "auto" else ("model" if opts.checkpoint else "cells")
     cell_masks = masks == "cells"
-    inference = InferenceConfig() if opts.chunk_size is None else InferenceConfig(chunk_size=opts.chunk_size)
+    inference = InferenceConfig(bbox_threshold=opts.bbox_threshold)
+    if opts.chunk_size is not None:
+        inference = replace(inference, chunk_size=opts.chunk_size)
     height, width = image.shape[:2]
     box_sets: list[tuple[str, int | None, np.ndarray | None]] = [
         ("user", n, bench_boxes(n, height, width, seed=opts.seed + 1)) for n in opts.ns]
@@ -950,7 +956,8 @@ def markdown_report(report: dict[str, Any]) -> str:
           f"tensorrt {m['libraries'].get('tensorrt')}, scikit-image {m['libraries'].get('scikit-image')}.",
         f"Model **{c['model']}** ({c['weights'].get('weights')}); image {c['image_shape']} ({c['image']}); "
         f"masks: **{c['masks']}**; {c['warmup']} warm-up + {c['repeats']} timed calls per row "
-        f"(baseline {c['baseline_repeats']}); decoder chunk {c['inference']['chunk_size']}.",
+        f"(baseline {c['baseline_repeats']}); decoder chunk {c['inference']['chunk_size']}; "
+        f"bbox_threshold {c['inference']['bbox_threshold']}.",
         "",
     ]
     if c["masks"] == "cells":
@@ -1151,7 +1158,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         backends=tuple(args.backends.split(",")), onnx_dir=args.onnx_dir, export_onnx=args.export_onnx,
         ort_providers=tuple(args.ort_providers.split(",")) if args.ort_providers else None, engine_dir=args.engine_dir,
         warmup=args.warmup, repeats=args.repeats, baseline=not args.no_baseline, baseline_repeats=args.baseline_repeats,
-        caps=dict(args.cap or []), chunk_size=args.chunk_size, masks=args.masks, image_size=args.image_size,
+        caps=dict(args.cap or []), chunk_size=args.chunk_size, bbox_threshold=args.bbox_threshold, masks=args.masks, image_size=args.image_size,
         cells=args.cells, seed=args.seed, painter=args.painter, out_dir=args.out_dir, name=args.name,
     )
 
@@ -1191,6 +1198,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cap", type=_cap, action="append", metavar="NAME=N",
                    help="largest N for baseline or a backend kind, e.g. --cap baseline=1000 (repeatable)")
     p.add_argument("--chunk-size", type=int, help="boxes per decoder call (default 256)")
+    p.add_argument("--bbox-threshold", type=float, default=0.4, help="CellFinder threshold weight (default 0.4, as released)")
     p.add_argument("--masks", choices=["auto", "model", "cells"], default="auto",
                    help="mask logits painted: the model's, or box-inscribed ellipses (default: cells for random weights)")
     p.add_argument("--image-size", type=int, default=1024, help="side of the generated image (default 1024)")
