@@ -12,7 +12,8 @@ Images larger than ``--tile-size`` go through ``tiling.segment_large`` (overlapp
 stitched into one label image); smaller ones through ``CellSAM.segment``. One model is
 loaded for the whole run. A file that cannot be read or segmented is reported and skipped;
 the exit status is 1 when any input failed. ``--resume`` skips images whose requested
-outputs all exist.
+outputs all exist and deletes the temp files a killed run left behind: a run killed at any
+point and resumed ends with the outputs of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -281,6 +282,13 @@ def run(args: argparse.Namespace) -> int:
                         outdir / f"{s}_cells.csv" if args.csv else None)) for p, s in zip(paths, stems)]
     todo = [(p, o) for p, o in plan if not (args.resume and o.done())]
     skipped = len(plan) - len(todo)
+    if args.resume:
+        # a killed run leaves its in-flight temp files; they are never outputs, so drop them
+        from .io import remove_stale_temp_files
+
+        stale = [t for _, o in todo for out in o.all() for t in remove_stale_temp_files(out)]
+        if stale:
+            log.info("removed %d temp files of an interrupted run", len(stale))
 
     t0 = time.perf_counter()
     done, cells, empty = 0, 0, 0

@@ -1,6 +1,7 @@
 """Reading images and writing results (atomic writes: temp file + rename)."""
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +23,18 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete temp files that ``atomic_write`` left beside ``path`` when its process was killed.
+
+    Only names ``atomic_write`` makes for this exact ``path`` are touched; returns them.
+    """
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*{glob.escape(path.suffix)}"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray) -> Path:

@@ -1,5 +1,9 @@
 """``cellsam-trt segment``: files, folders, globs, formats, channels, bad files, --resume."""
 import csv
+import signal
+import subprocess
+import sys
+import time
 import warnings
 
 import cv2
@@ -159,3 +163,48 @@ def test_input_expansion_and_output_names(tmp_path):
     assert len(paths) == 2 and not problems  # the glob and the file name the same image once
     assert output_stem(tmp_path / "y.ome.tiff") == "y" and output_stem(tmp_path / "s.zarr") == "s"
     assert unique_stems([tmp_path / "d1" / "img.tif", tmp_path / "d2" / "img.tif"]) == ["d1__img", "d2__img"]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_outputs(checkpoint, plane, tmp_path, capsys):
+    """SIGKILL a real `cellsam-trt segment` process mid-run, resume it, compare with a clean run."""
+    data = tmp_path / "data"
+    data.mkdir()
+    count = 8
+    for i in range(count):
+        np.save(data / f"img{i:02d}.npy", np.roll(plane, 17 * i, axis=1))
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    command = [sys.executable, "-m", "cellsam_trt.cli", "segment", str(data), "-o", str(killed), "--checkpoint",
+               checkpoint, "--device", "cpu", "--csv", "--no-progress"]
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(killed.glob("*_labels.tif")):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the run wrote nothing in 240 s"
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    finished = sorted(p.name for p in killed.glob("*_labels.tif"))
+    assert 1 <= len(finished) < count
+    for name in finished:  # whatever was there at the kill is complete
+        tifffile.imread(killed / name)
+    # what a kill in the middle of a write leaves behind
+    stale = killed / f".img{count - 1:02d}_labels.tif.x1y2z3.tif"
+    stale.write_bytes(b"II*\x00 half a tiff")
+
+    assert run_cli(data, "-o", killed, "--checkpoint", checkpoint, "--csv", "--resume") == 0
+    out = capsys.readouterr().out
+    assert f"skipped {len(finished)} already done" in out or f"segmented {count} of {count}" in out
+    assert not stale.exists()
+    assert run_cli(data, "-o", clean, "--checkpoint", checkpoint, "--csv") == 0
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in clean.iterdir())
+    for i in range(count):
+        np.testing.assert_array_equal(tifffile.imread(killed / f"img{i:02d}_labels.tif"),
+                                      tifffile.imread(clean / f"img{i:02d}_labels.tif"))
+        assert (killed / f"img{i:02d}_cells.csv").read_text() == (clean / f"img{i:02d}_cells.csv").read_text()
