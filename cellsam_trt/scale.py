@@ -399,10 +399,15 @@ def segment_dask(
         zarr.create_array(tiles_path, shape=(len(grid), grid.tile_height, grid.tile_width),
                           chunks=(1, grid.tile_height, grid.tile_width), dtype="int32", fill_value=0, overwrite=True)
         seg_options = dict(bbox_threshold=bbox_threshold, chunk_size=chunk_size, postprocess=postprocess)
+        # Tile batches are the GPU work: start them round-robin on the workers so every GPU is
+        # busy from the first batch on (the scheduler would otherwise favour the worker holding
+        # the scattered image); the restriction is loose, so a lost worker's tiles move on.
+        workers = sorted(client.scheduler_info()["workers"])
         futures = [
             client.submit(_task_tiles, plugin, source_arg, grid, batch, norm, clahe_path, tiles_path,
-                          None if tile_boxes is None else {i: tile_boxes[i] for i in batch}, seg_options, pure=False)
-            for batch in batches
+                          None if tile_boxes is None else {i: tile_boxes[i] for i in batch}, seg_options, pure=False,
+                          workers=[workers[k % len(workers)]] if workers else None, allow_other_workers=True)
+            for k, batch in enumerate(batches)
         ]
         tables = [r for batch_results in _gather(client, futures, "tiles", progress) for r in batch_results]
         timings["tiles"] = time.perf_counter() - t0
