@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from .runtime import BACKENDS
 from .tiling import IMAGE_SUFFIXES, open_image
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     done, cells, empty = 0, 0, 0
     if todo:
-        session = CellSAM.from_checkpoint(args.checkpoint, backend=args.backend, device=args.device)
+        dirs = {k: v for k, v in (("onnx_dir", args.onnx_dir), ("engine_dir", args.engine_dir)) if v is not None}
+        session = CellSAM.from_checkpoint(args.checkpoint, backend=args.backend, device=args.device, **dirs)
         from tqdm import tqdm
 
         bar = tqdm(todo, desc="segmenting", unit="image", disable=args.no_progress)
@@ -338,7 +340,11 @@ def register(subparsers) -> None:
                    help="image files (.tif/.tiff/OME-TIFF, .png, .jpg, .npy, .zarr), folders or glob patterns")
     p.add_argument("-o", "--outdir", required=True, help="output folder (created if needed)")
     p.add_argument("--checkpoint", help="CellSAM weights (default: ~/.deepcell/models/cellsam_v1.2/cellsam_general.pt)")
-    p.add_argument("--backend", default="torch", help="engine kind: torch, onnxruntime, tensorrt (default torch)")
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="engine kind (default torch); onnxruntime needs --onnx-dir, tensorrt --engine-dir, auto "
+                        "takes the fastest of them that loads")
+    p.add_argument("--onnx-dir", help="export folder of `cellsam-trt export` (backends onnxruntime, auto)")
+    p.add_argument("--engine-dir", help="engine folder of `cellsam-trt build-engines` (backends tensorrt, auto)")
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--channel-axis", type=int, help="axis of the channels (default: the smallest axis)")
     p.add_argument("--nuclear-channel", type=int, metavar="I", help="index of the nuclear channel on the channel axis")

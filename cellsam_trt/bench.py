@@ -587,6 +587,8 @@ class BenchOptions:
     painter: bool = False
     painter_ns: tuple[int, ...] = (1, 10, 100, 500, 1000, 2000, 3500)
     preprocess_repeats: int = 3
+    throughput: int | None = None
+    throughput_options: dict[str, Any] = field(default_factory=dict)
     out_dir: str = "bench/results"
     name: str | None = None
     smoke: bool = False
@@ -608,6 +610,8 @@ class BenchOptions:
             raise ValueError(f"bbox_threshold: expected a number in [0, 1], got {self.bbox_threshold}")
         if self.onnx_dir and self.export_onnx:
             raise ValueError("onnx_dir/export_onnx: give one of them, not both")
+        if self.throughput is not None and self.throughput < 64:
+            raise ValueError(f"throughput: expected the side of the large image (>= 64 px), got {self.throughput}")
 
 
 def smoke_options(out_dir: str) -> BenchOptions:
@@ -618,7 +622,8 @@ def smoke_options(out_dir: str) -> BenchOptions:
     """
     return BenchOptions(config="tiny", device="cpu", ns=SMOKE_NS, warmup=0, repeats=1, baseline_repeats=1,
                         cellfinder=False, image_size=256, cells=40, preprocess_repeats=1,
-                        out_dir=out_dir, smoke=True, painter=True, painter_ns=SMOKE_NS)
+                        out_dir=out_dir, smoke=True, painter=True, painter_ns=SMOKE_NS, throughput=640,
+                        throughput_options=dict(tile_size=384, overlap=64, batch_size=2, box_limit=12))
 
 
 def _load_network(opts: BenchOptions, image: np.ndarray, device: torch.device):
@@ -810,7 +815,7 @@ def run_bench(opts: BenchOptions, network=None) -> dict[str, Any]:
             "baseline_repeats": opts.baseline_repeats, "caps": dict(opts.caps), "inference": asdict(inference),
             "smoke": opts.smoke,
         },
-        "backends": {}, "runs": [], "baseline": [], "skipped": [], "preprocess": None, "painter": None,
+        "backends": {}, "runs": [], "baseline": [], "skipped": [], "preprocess": None, "painter": None, "throughput": None,
         "comparisons": [],
     }
 
@@ -888,8 +893,30 @@ def run_bench(opts: BenchOptions, network=None) -> dict[str, Any]:
             "rows": painter_bench(opts.painter_ns, device, per_box_max_n=opts.caps.get("baseline", 200),
                                   repeats=opts.preprocess_repeats),
         }
+    if opts.throughput:
+        log.info("large-image throughput, single process vs 2 dask workers")
+        report["throughput"] = large_image_throughput(opts, device)
     report["bench_seconds"] = time.perf_counter() - t_start
     return report
+
+
+def large_image_throughput(opts: BenchOptions, device: torch.device) -> dict[str, Any] | None:
+    """``scale.throughput_report`` on a ``opts.throughput``-sided synthetic slide.
+
+    With a checkpoint, CellFinder finds the cells; with random weights the slide's own cell
+    boxes are decoded (random CellFinder weights keep an arbitrary number of boxes).
+    """
+    from .scale import throughput_report
+
+    settings = dict(tile_size=1024, overlap=128, batch_size=4, n_workers=2)
+    settings.update(opts.throughput_options)
+    if opts.checkpoint is None:
+        settings.setdefault("use_cellfinder", False)
+    try:
+        return throughput_report(opts.checkpoint, height=opts.throughput, width=opts.throughput,
+                                 device=str(device), seed=opts.seed, **settings)
+    except ImportError as err:  # dask / zarr are an optional extra
+        return {"skipped": f"needs the dask extra (pip install 'cellsam-trt[dask]'): {err}"}
 
 
 def speedups(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1016,6 +1043,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             sp = f"{pb['median'] / row['painter']['median']:.1f}" if pb else "-"
             ident = "-" if row["identical"] is None else ("yes" if row["identical"] else "NO")
             lines.append(f"| {row['n']} | {_ms(row['painter'])} | {_ms(pb)} | {sp} | {ident} |")
+    lines += throughput_markdown(report.get("throughput"))
     skipped = [f"- {k}: {v['reason']}" for k, v in report["backends"].items() if v["status"] != "ok"]
     skipped += [f"- {s['what']} {s.get('boxes', '')} N={s.get('n')}: {s['reason']}" for s in report["skipped"]]
     if skipped:
@@ -1023,6 +1051,26 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines += ["", f"Bench wall time {report.get('bench_seconds', 0):.0f} s. Git: {(m.get('git') or {}).get('commit')}"
               f"{' (modified files)' if (m.get('git') or {}).get('modified_files') else ''}.", ""]
     return "\n".join(lines)
+
+
+def throughput_markdown(result: dict[str, Any] | None) -> list[str]:
+    """The large-image section of the markdown report (nothing when it was not run)."""
+    if not result:
+        return []
+    lines = ["", "## Large image: single process vs dask workers", ""]
+    if "skipped" in result:
+        return lines + [f"Not measured: {result['skipped']}"]
+    img, st, single, dist = result["image"], result["settings"], result["single"], result["dask"]
+    boxes = "CellFinder boxes" if st["cellfinder"] else f"{st['boxes']} given cell boxes"
+    lines += [f"{img['height']}×{img['width']} synthetic slide ({img['megapixels']} MP), {result['tiles']} tiles of "
+              f"{st['tile_size']} px (overlap {st['overlap']}, batch {st['batch_size']}), {st['backend']} on "
+              f"{st['device']}, {boxes}; "
+              f"weights: {st['weights']}. Model loading not included.", "",
+              "| path | s | MP/s | cells | cells/s |", "|---|---|---|---|---|"]
+    for name, r in (("single process", single), (f"dask, {dist['workers']} workers", dist)):
+        lines.append(f"| {name} | {r['seconds']:.2f} | {r['megapixels_per_s']:.3g} | {r['cells']} | {r['cells_per_s']:.3g} |")
+    lines += ["", f"Speed-up {result['speedup']:.2f}×; labels identical: {'yes' if result['identical_labels'] else 'NO'}."]
+    return lines
 
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -1158,7 +1206,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         ort_providers=tuple(args.ort_providers.split(",")) if args.ort_providers else None, engine_dir=args.engine_dir,
         warmup=args.warmup, repeats=args.repeats, baseline=not args.no_baseline, baseline_repeats=args.baseline_repeats,
         caps=dict(args.cap or []), chunk_size=args.chunk_size, bbox_threshold=args.bbox_threshold, masks=args.masks, image_size=args.image_size,
-        cells=args.cells, seed=args.seed, painter=args.painter, out_dir=args.out_dir, name=args.name,
+        cells=args.cells, seed=args.seed, painter=args.painter, throughput=args.throughput, out_dir=args.out_dir,
+        name=args.name,
     )
 
 
@@ -1204,6 +1253,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cells", type=int, default=800, help="cells drawn in the generated image (default 800)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--painter", action="store_true", help="also time the mask painter alone against per-box upsampling")
+    p.add_argument("--throughput", type=int, metavar="SIDE",
+                   help="also measure a SIDE x SIDE synthetic slide: single process vs 2 dask workers (MP/s, cells/s)")
     p.add_argument("--out-dir", default="bench/results", help="reports go to OUT_DIR/<device-name>/ (default bench/results)")
     p.add_argument("--name", help="device folder name (default: GPU name, or cpu-<CPU name>)")
     p.add_argument("--render", metavar="JSON", help="only rewrite the markdown and PNG of an existing report")

@@ -231,9 +231,23 @@ def download_weights(version: str = MODEL_VERSION, token: str | None = None, des
     if digest != md5:
         archive.unlink()
         raise CheckpointError(f"downloaded archive has md5 {digest}, expected {md5}; removed it, try again")
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
+    _safe_extract(archive, dest)
     return dest / f"cellsam_v{version}"
+
+
+def _safe_extract(archive: Path, dest: Path) -> None:
+    """Unpack a tar archive refusing members that would land outside ``dest`` or be links."""
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+            return
+        # Python < 3.10.12 / 3.11.4 has no extraction filters: check the members ourselves
+        root = dest.resolve()
+        for member in tar.getmembers():
+            target = (root / member.name).resolve()
+            if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+                raise CheckpointError(f"{archive}: refusing archive member {member.name!r} (link or outside {dest})")
+        tar.extractall(dest)
 
 
 def _download(url: str, target: Path) -> None:

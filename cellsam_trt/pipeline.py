@@ -93,7 +93,7 @@ def validate_boxes(boxes: Any, height: int, width: int) -> np.ndarray:
         raise ValueError(f"boxes: cannot be read as an (N, 4) array ({err})") from None
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) and not np.iscomplexobj(arr)):
         raise ValueError(f"boxes: expected real numbers, got dtype {arr.dtype}")
-    if arr.size == 0:
+    if arr.shape in ((0,), (0, 4)):  # [] or an (0, 4) array: no boxes
         return np.zeros((0, 4), dtype=np.float32)
     if arr.ndim != 2 or arr.shape[1] != 4:
         raise ValueError(f"boxes: expected shape (N, 4) as x1, y1, x2, y2, got {arr.shape}")
@@ -451,7 +451,7 @@ def segment(
     backend: str = "torch",
     device: str | torch.device | None = None,
     boxes: Any = None,
-    bbox_threshold: float = 0.4,
+    bbox_threshold: float | None = None,
     return_details: bool = False,
     **options: Any,
 ) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
@@ -463,7 +463,7 @@ def segment(
         model: a ``CellSAM`` session or a ``CellSAMNetwork`` instead of ``checkpoint``.
         backend, device: engine kind and device when loading ``checkpoint``.
         boxes: optional (N, 4) x1, y1, x2, y2 in image pixels (skips CellFinder).
-        bbox_threshold: CellFinder confidence weight.
+        bbox_threshold: CellFinder confidence weight (default: the session's, 0.4).
         return_details: also return ``SegmentationDetails``.
         **options: forwarded to ``CellSAM.segment`` (normalize, postprocess, chunk_size, ...).
 

@@ -48,8 +48,13 @@ def format_image(image: Any, channel_axis: int | None = None) -> np.ndarray:
     Raises:
         ValueError: on anything else, naming the problem.
     """
+    if channel_axis is not None and (isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral)):
+        raise ValueError(f"channel_axis: expected an integer axis (0, 1, 2 or negative) or None, got {channel_axis!r}")
     if isinstance(image, Tensor):
-        image = image.detach().cpu().numpy()
+        # numpy has no bfloat16 (and no other torch-only dtypes): widen those first
+        image = image.detach().cpu()
+        image = (image.double() if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32,
+                 torch.float64) else image).numpy()
     if not isinstance(image, np.ndarray):
         if isinstance(image, (list, tuple)):
             try:
@@ -67,9 +72,11 @@ def format_image(image: Any, channel_axis: int | None = None) -> np.ndarray:
     if image.size == 0:
         raise ValueError(f"image: is empty (shape {image.shape})")
     if image.ndim == 2:
+        if channel_axis is not None:
+            raise ValueError(f"channel_axis: given ({channel_axis}) but the image is 2-D {image.shape}, without channels")
         image = image[..., None]
     else:
-        axis = int(np.argmin(image.shape)) if channel_axis is None else channel_axis
+        axis = int(np.argmin(image.shape)) if channel_axis is None else int(channel_axis)
         if not -3 <= axis <= 2:
             raise ValueError(f"channel_axis: must be 0, 1, 2 or negative, got {channel_axis}")
         image = np.moveaxis(image, axis, -1)
@@ -81,8 +88,14 @@ def format_image(image: Any, channel_axis: int | None = None) -> np.ndarray:
         )
     if h < 2 or w < 2:
         raise ValueError(f"image: needs at least 2x2 pixels, got {h}x{w}")
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
-        raise ValueError("image: contains NaN or infinite values")
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all():
+            raise ValueError("image: contains NaN or infinite values")
+        # normalisation subtracts the minimum: a range past float64's would overflow to inf
+        low, high = float(image.min()), float(image.max())
+        with np.errstate(over="ignore"):
+            if not np.isfinite(high - low):
+                raise ValueError(f"image: value range [{low:g}, {high:g}] is too wide to normalise in float64")
     out = np.zeros((h, w, 3))
     out[:, :, 3 - c:] = image
     return out

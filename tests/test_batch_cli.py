@@ -1,5 +1,6 @@
 """``cellsam-trt segment``: files, folders, globs, formats, channels, bad files, --resume."""
 import csv
+import os
 import signal
 import subprocess
 import sys
@@ -173,6 +174,8 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(checkpoint, plane, tmp_
     for i in range(count):
         np.save(data / f"img{i:02d}.npy", np.roll(plane, 17 * i, axis=1))
     killed, clean = tmp_path / "killed", tmp_path / "clean"
+    umask = os.umask(0)
+    os.umask(umask)
     command = [sys.executable, "-m", "cellsam_trt.cli", "segment", str(data), "-o", str(killed), "--checkpoint",
                checkpoint, "--device", "cpu", "--csv", "--no-progress"]
     log = tmp_path / "killed.log"
@@ -200,11 +203,22 @@ def test_killed_run_resumes_to_the_uninterrupted_outputs(checkpoint, plane, tmp_
 
     assert run_cli(data, "-o", killed, "--checkpoint", checkpoint, "--csv", "--resume") == 0
     out = capsys.readouterr().out
-    assert f"skipped {len(finished)} already done" in out or f"segmented {count} of {count}" in out
+    assert f"segmented {count - len(finished)} of {count} images" in out
+    assert f"skipped {len(finished)} already done" in out
     assert not stale.exists()
     assert run_cli(data, "-o", clean, "--checkpoint", checkpoint, "--csv") == 0
     assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in clean.iterdir())
     for i in range(count):
+        assert (killed / f"img{i:02d}_labels.tif").stat().st_mode & 0o777 == 0o666 & ~umask
         np.testing.assert_array_equal(tifffile.imread(killed / f"img{i:02d}_labels.tif"),
                                       tifffile.imread(clean / f"img{i:02d}_labels.tif"))
         assert (killed / f"img{i:02d}_cells.csv").read_text() == (clean / f"img{i:02d}_cells.csv").read_text()
+
+
+def test_zarr_store_input(checkpoint, session, plane, tmp_path, capsys):
+    zarr = pytest.importorskip("zarr")
+    store = zarr.create_array(str(tmp_path / "plane.zarr"), shape=plane.shape, chunks=(128, 128), dtype=plane.dtype)
+    store[...] = plane
+    assert run_cli(tmp_path / "plane.zarr", "-o", tmp_path / "out", "--checkpoint", checkpoint) == 0
+    assert "segmented 1 of 1" in capsys.readouterr().out
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "plane_labels.tif"), quiet_segment(session, plane))

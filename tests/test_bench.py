@@ -246,3 +246,18 @@ def test_cell_masks_replace_the_decoder_output_and_are_subtracted():
     assert torch.equal(masks, bench.cell_logits(boxes)[:, None])
     times = clock.collect()
     assert set(times) == {"decoder", "synthetic_masks"} and times["synthetic_masks"] > 0
+
+
+def test_smoke_report_has_large_image_throughput(smoke_report):
+    report, paths = smoke_report
+    result = json.loads(paths["json"].read_text())["throughput"]
+    assert result["image"] == {"height": 640, "width": 640, "megapixels": 0.41}
+    assert result["tiles"] == 4 and result["dask"]["workers"] == 2
+    assert result["identical_labels"]  # the dask path gives the single-process labels
+    for path in ("single", "dask"):
+        r = result[path]
+        assert r["cells"] >= 2 and r["megapixels_per_s"] > 0
+        assert r["megapixels_per_s"] == pytest.approx(0.4096 / r["seconds"], rel=0.01, abs=1e-4)
+    assert result["single"]["cells"] == result["dask"]["cells"]
+    text = paths["markdown"].read_text()
+    assert "## Large image: single process vs dask workers" in text and "dask, 2 workers" in text

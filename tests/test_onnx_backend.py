@@ -2,6 +2,7 @@
 artefacts and unavailable providers are refused with a message saying what to do."""
 import json
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -200,3 +201,40 @@ def test_refuses_unavailable_provider(exported):
         OnnxRuntimeBackend(exported[1], providers=["cpu", "openvino-ish"])
     with pytest.raises(ValueError, match="max_decoder_boxes"):
         OnnxRuntimeBackend(exported[1], max_decoder_boxes=0)
+
+
+def test_refuses_a_provider_that_onnxruntime_drops_at_load(exported, monkeypatch):
+    """onnxruntime-gpu lists CUDA even when its libraries fail to load, then runs on the CPU."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime really has the CUDA provider; the silent fallback cannot be staged")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # onnxruntime's own note about the provider
+        with pytest.raises(BackendError, match="could not start CUDAExecutionProvider .*fell back to CPUExecutionProvider"):
+            OnnxRuntimeBackend(exported[1], providers="cuda", device="cpu")
+
+
+def test_image_batches_above_max_batch_are_split(exported):
+    backend = OnnxRuntimeBackend(exported[1])
+    images = torch.randn(3, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    whole = backend.encoder(images), *backend.cellfinder(images)
+    backend.max_batch = 2  # as with the TensorRT provider's profile
+    split = backend.encoder(images), *backend.cellfinder(images)
+    for a, b in zip(whole, split):
+        assert a.shape == b.shape and a.shape[0] == 3
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # batch size changes the float sums
+
+
+def test_segment_command_runs_the_onnx_graphs(exported, torch_session, cell_image, tmp_path, capsys):
+    import tifffile
+
+    from cellsam_trt.cli import main
+
+    checkpoint, folder = exported
+    np.save(tmp_path / "cells.npy", cell_image)
+    args = ["segment", str(tmp_path / "cells.npy"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint),
+            "--device", "cpu", "--no-progress", "--backend", "onnxruntime"]
+    assert main(args) == 1 and "onnx_dir" in capsys.readouterr().err  # says what is missing
+    assert main(args + ["--onnx-dir", str(folder)]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "cells_labels.tif"),
+                                  torch_session.segment(cell_image))

@@ -8,7 +8,12 @@ from hypothesis.extra import numpy as hnp
 
 from cellsam_trt import postprocess as post
 from cellsam_trt import preprocess as pre
-from cellsam_trt.pipeline import validate_boxes
+from cellsam_trt.pipeline import CellSAM, validate_boxes
+
+
+@pytest.fixture(scope="module")
+def tiny_session(steered_tiny):
+    return CellSAM.from_network(steered_tiny, device="cpu")
 
 DTYPES = [np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64,
           np.float16, np.float32, np.float64]
@@ -20,11 +25,14 @@ def images(draw):
     dtype = draw(st.sampled_from(DTYPES))
     ndim = draw(st.sampled_from([2, 3]))
     h = draw(st.integers(1, 40))
-    w = draw(st.integers(1, 300))
+    w = draw(st.integers(1, 1200))  # up to wide strips
     shape = (h, w) if ndim == 2 else tuple(draw(st.permutations([h, w, draw(st.integers(1, 5))])))
     elements = None
     if np.dtype(dtype).kind == "f":
         elements = st.floats(allow_nan=True, allow_infinity=True, width=np.dtype(dtype).itemsize * 8)
+    elif dtype is not np.bool_:
+        info = np.iinfo(dtype)
+        elements = st.integers(int(info.min), int(info.max))
     return draw(hnp.arrays(dtype, shape, elements=elements))
 
 
@@ -63,14 +71,14 @@ def test_normalize_output_is_in_unit_range(image):
 )
 def test_validate_boxes_accepts_exactly_valid_boxes(boxes, height, width):
     valid = (
-        boxes.size == 0
-        or (boxes.ndim == 2 and boxes.shape[1] == 4 and np.isfinite(boxes).all()
+        boxes.shape == (0, 4)
+        or (boxes.size > 0 and boxes.ndim == 2 and boxes.shape[1] == 4 and np.isfinite(boxes).all()
             and (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
             and (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all())
     )
     if valid:
         out = validate_boxes(boxes, height, width)
-        assert out.dtype == np.float32 and out.shape == (len(boxes) if boxes.size else 0, 4)
+        assert out.dtype == np.float32 and out.shape == (len(boxes), 4)
     else:
         with pytest.raises(ValueError, match="^boxes:"):
             validate_boxes(boxes, height, width)
@@ -98,3 +106,31 @@ def test_painting_equals_full_resolution_on_any_shape(height, width, n, seed):
     differ = painter.result().numpy() != expected
     assert not (differ & ~ambiguous).any(), np.argwhere(differ & ~ambiguous)[:5]
     assert differ.sum() <= max(2, differ.size // 10000)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(images(), st.sampled_from([None, 0, 1, 2, -1, 3, -4, 1.5, "x", True]))
+def test_segment_either_labels_or_raises_value_error(tiny_session, image, channel_axis):
+    """The public entry point, with any image and any channel_axis: labels of the image's
+    size, or one ValueError naming the argument; nothing from deep inside a library."""
+    import warnings
+
+    from cellsam_trt import NoCellsWarning
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoCellsWarning)
+            labels = tiny_session.segment(image, boxes=np.zeros((0, 4)), channel_axis=channel_axis)
+    except ValueError as err:
+        assert str(err).startswith(("image:", "channel_axis:")), err
+        return
+    spatial = image.shape if image.ndim == 2 else tuple(
+        s for i, s in enumerate(image.shape) if i != (np.argmin(image.shape) if channel_axis is None else channel_axis % 3))
+    assert labels.shape == spatial and labels.dtype == np.int32 and not labels.any()
+
+
+def test_channel_axis_ties_take_the_first_smallest_axis():
+    image = np.zeros((3, 3, 5), np.uint8)
+    image[1] = 7  # axis 0 and 1 tie at 3: axis 0 holds the channels, as in the released code
+    out = pre.format_image(image)
+    assert out.shape == (3, 5, 3) and (out[..., 1] == 7).all() and not out[..., 0].any()

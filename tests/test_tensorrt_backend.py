@@ -17,6 +17,7 @@ from cellsam_trt.runtime import BackendError, OnnxRuntimeBackend, TorchBackend, 
 from cellsam_trt.runtime.tensorrt_backend import (
     TensorRTBackend,
     check_engine_metadata,
+    engine_files,
     load_engine_metadata,
     require_tensorrt,
 )
@@ -91,6 +92,24 @@ def test_engine_metadata_file_problems(tmp_path):
     (tmp_path / "engines.json").write_text(json.dumps(meta))
     with pytest.raises(BackendError, match="lacks 'gpu'"):
         load_engine_metadata(tmp_path)
+
+
+def test_missing_changed_or_unnamed_engine_files_are_refused(tmp_path):
+    meta = metadata()
+    for graph in ("encoder", "cellfinder", "decoder"):
+        (tmp_path / f"{graph}.engine").write_bytes(graph.encode())
+        meta["engines"][graph]["sha256"] = file_sha256(tmp_path / f"{graph}.engine")
+    assert engine_files(meta, tmp_path) == {g: tmp_path / f"{g}.engine" for g in ("encoder", "cellfinder", "decoder")}
+    (tmp_path / "cellfinder.engine").write_bytes(b"tampered")
+    with pytest.raises(BackendError, match="cellfinder.engine changed since it was built.*build-engines"):
+        engine_files(meta, tmp_path)
+    assert engine_files(meta, tmp_path, verify_hashes=False)["cellfinder"].read_bytes() == b"tampered"
+    (tmp_path / "decoder.engine").unlink()
+    with pytest.raises(BackendError, match="decoder engine .*decoder.engine is missing.*build-engines"):
+        engine_files(meta, tmp_path, verify_hashes=False)
+    del meta["engines"]["encoder"]["file"]
+    with pytest.raises(BackendError, match="encoder entry .* names no file"):
+        engine_files(meta, tmp_path)
 
 
 @no_trt

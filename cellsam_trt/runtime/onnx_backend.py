@@ -87,7 +87,8 @@ class OnnxRuntimeBackend(Backend):
         threads: intra-op threads per session (None: ONNX Runtime's default).
         verify_hashes: check the graph files against the manifest's sha256.
         trt_cache_dir: engine cache of the TensorRT provider (default: onnx_dir/ort-trt-cache).
-        trt_max_batch: largest image batch the TensorRT provider's profile admits.
+        trt_max_batch: largest image batch the TensorRT provider's profile admits; larger
+            encoder / CellFinder batches are split (and decoder calls default to 1024 boxes).
 
     Raises:
         BackendError: missing/changed/corrupt graph files, another checkpoint, or an
@@ -128,7 +129,9 @@ class OnnxRuntimeBackend(Backend):
             device = "cuda" if uses_gpu and torch.cuda.is_available() else "cpu"
         self.device = resolve_device(device)
         self.providers = wanted
-        self.max_decoder_boxes = max_decoder_boxes
+        # the TensorRT provider builds engines for a fixed shape range: stay inside it
+        self.max_decoder_boxes = max_decoder_boxes or (1024 if TENSORRT in wanted else None)
+        self.max_batch = trt_max_batch if TENSORRT in wanted else None
         self.manifest = load_manifest(onnx_dir, checkpoint=checkpoint, verify_hashes=verify_hashes)
         self.folder = self.manifest.folder
         self.config = self.manifest.config
@@ -182,6 +185,15 @@ class OnnxRuntimeBackend(Backend):
                 f"the file is corrupt or not a cellsam-trt graph. Re-export with: cellsam-trt export "
                 f"--checkpoint CHECKPOINT --out {self.folder}"
             ) from None
+        dropped = [p for p in self.providers if p not in session.get_providers()]
+        if dropped:
+            # onnxruntime lists GPU providers it then fails to load (missing CUDA/cuDNN/TensorRT
+            # libraries) and silently runs on the CPU instead
+            raise BackendError(
+                f"providers: ONNX Runtime could not start {', '.join(dropped)} for {path.name} (it fell back to "
+                f"{', '.join(session.get_providers())}); check the CUDA / cuDNN / TensorRT libraries that "
+                "onnxruntime-gpu needs (see its log above), or use providers='cpu'"
+            )
         spec = GRAPH_SPECS[graph]
         names = (tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs()))
         if names != (spec.inputs, spec.outputs):
@@ -222,11 +234,17 @@ class OnnxRuntimeBackend(Backend):
             raise _run_error(graph, err, inputs) from None
         return outputs
 
+    def _images(self, graph: str, images: Tensor) -> list[Tensor]:
+        """Run an image graph, in batches of at most ``max_batch`` images."""
+        step = self.max_batch or max(1, len(images))
+        parts = [self._run(graph, {"image": images[i:i + step]}) for i in range(0, len(images), step)]
+        return [torch.cat(outs) if len(parts) > 1 else outs[0] for outs in zip(*parts)]
+
     def encoder(self, images: Tensor) -> Tensor:
-        return self._run("encoder", {"image": images})[0]
+        return self._images("encoder", images)[0]
 
     def cellfinder(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        logits, boxes = self._run("cellfinder", {"image": images})
+        logits, boxes = self._images("cellfinder", images)
         return logits, boxes
 
     def decoder(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:

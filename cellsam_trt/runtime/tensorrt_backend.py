@@ -231,6 +231,24 @@ class EngineRunner:
         return outputs
 
 
+def engine_files(meta: Mapping[str, Any], folder: Path, verify_hashes: bool = True) -> dict[str, Path]:
+    """The engine file of each graph recorded in engines.json, checked to exist and (with
+    ``verify_hashes``) to be unchanged since it was built; BackendError naming the fix if not."""
+    hint = build_hint(meta.get("onnx_dir"), folder)
+    paths = {}
+    for graph in GRAPH_NAMES:
+        entry = meta["engines"][graph]
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("file"), str):
+            raise BackendError(f"engine_dir: the {graph} entry of {folder / ENGINE_METADATA_NAME} names no file. {hint}")
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise BackendError(f"engine_dir: {graph} engine {path} is missing. {hint}")
+        if verify_hashes and file_sha256(path) != entry.get("sha256"):
+            raise BackendError(f"engine_dir: {path} changed since it was built (sha256 differs from engines.json). {hint}")
+        paths[graph] = path
+    return paths
+
+
 class TensorRTBackend(Backend):
     """Runs the engines of an engine folder (``cellsam-trt build-engines``).
 
@@ -264,7 +282,7 @@ class TensorRTBackend(Backend):
             raise BackendError("backend 'tensorrt' needs a CUDA GPU, but torch sees none; use backend='onnxruntime' or 'torch'")
         self.device = resolve_device(device if device is not None else "cuda")
         if self.device.type != "cuda":
-            raise ValueError(f"device: TensorRT engines run on a CUDA device, got {self.device}")
+            raise BackendError(f"device: TensorRT engines run on a CUDA device, got {self.device}")
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         folder = Path(engine_dir).expanduser()
@@ -282,15 +300,8 @@ class TensorRTBackend(Backend):
         self.folder = folder
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.runners: dict[str, EngineRunner] = {}
-        for graph in GRAPH_NAMES:
-            entry = meta["engines"][graph]
-            path = folder / entry["file"]
-            if not path.is_file():
-                raise BackendError(f"engine_dir: {graph} engine {path} is missing. {hint}")
-            if verify_hashes and file_sha256(path) != entry.get("sha256"):
-                raise BackendError(f"engine_dir: {path} changed since it was built (sha256 differs from engines.json). {hint}")
-            self.runners[graph] = EngineRunner(trt, self.runtime, path, graph, self.device, hint)
+        self.runners = {graph: EngineRunner(trt, self.runtime, path, graph, self.device, hint)
+                        for graph, path in engine_files(meta, folder, verify_hashes).items()}
         self.stream = torch.cuda.Stream(self.device)
         self.max_decoder_boxes = self.runners["decoder"].max_dim0("boxes")
         self.max_batch = min(self.runners[g].max_dim0("image") for g in ("encoder", "cellfinder"))
