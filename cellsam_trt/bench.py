@@ -815,7 +815,8 @@ def run_bench(opts: BenchOptions, network=None) -> dict[str, Any]:
             "baseline_repeats": opts.baseline_repeats, "caps": dict(opts.caps), "inference": asdict(inference),
             "smoke": opts.smoke,
         },
-        "backends": {}, "runs": [], "baseline": [], "skipped": [], "preprocess": None, "painter": None, "throughput": None,
+        "backends": {}, "runs": [], "baseline": [], "skipped": [], "preprocess": None, "painter": None, "precision": None,
+        "throughput": None,
         "comparisons": [],
     }
 
@@ -893,11 +894,30 @@ def run_bench(opts: BenchOptions, network=None) -> dict[str, Any]:
             "rows": painter_bench(opts.painter_ns, device, per_box_max_n=opts.caps.get("baseline", 200),
                                   repeats=opts.preprocess_repeats),
         }
+    if device.type == "cuda" and "torch-fp16" in opts.backends:
+        log.info("fp16 accuracy against fp32")
+        report["precision"] = fp16_accuracy(network, image, inference, device, opts.seed)
     if opts.throughput:
         log.info("large-image throughput, single process vs 2 dask workers")
         report["throughput"] = large_image_throughput(opts, device)
     report["bench_seconds"] = time.perf_counter() - t_start
     return report
+
+
+def fp16_accuracy(network, image: np.ndarray, inference: InferenceConfig, device: torch.device,
+                  seed: int = 0) -> dict[str, Any]:
+    """torch fp16 (autocast) against fp32 on the same weights, with the model's own masks:
+    CellFinder's boxes, and 500 given boxes (``accuracy.precision_agreement``)."""
+    from .accuracy import precision_agreement
+    from .runtime import TorchBackend
+
+    fp32 = CellSAM(TorchBackend(network, device=device), inference)
+    fp16 = CellSAM(TorchBackend(network, device=device, precision="fp16"), inference)
+    height, width = image.shape[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoCellsWarning)
+        return {"cellfinder": precision_agreement(fp32, fp16, image),
+                "user_500": precision_agreement(fp32, fp16, image, bench_boxes(500, height, width, seed=seed + 1))}
 
 
 def large_image_throughput(opts: BenchOptions, device: torch.device) -> dict[str, Any] | None:
@@ -1043,6 +1063,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             sp = f"{pb['median'] / row['painter']['median']:.1f}" if pb else "-"
             ident = "-" if row["identical"] is None else ("yes" if row["identical"] else "NO")
             lines.append(f"| {row['n']} | {_ms(row['painter'])} | {_ms(pb)} | {sp} | {ident} |")
+    lines += precision_markdown(report.get("precision"))
     lines += throughput_markdown(report.get("throughput"))
     skipped = [f"- {k}: {v['reason']}" for k, v in report["backends"].items() if v["status"] != "ok"]
     skipped += [f"- {s['what']} {s.get('boxes', '')} N={s.get('n')}: {s['reason']}" for s in report["skipped"]]
@@ -1051,6 +1072,26 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines += ["", f"Bench wall time {report.get('bench_seconds', 0):.0f} s. Git: {(m.get('git') or {}).get('commit')}"
               f"{' (modified files)' if (m.get('git') or {}).get('modified_files') else ''}.", ""]
     return "\n".join(lines)
+
+
+def precision_markdown(result: dict[str, Any] | None) -> list[str]:
+    """The fp16-vs-fp32 accuracy section (nothing when it was not run)."""
+    if not result:
+        return []
+    lines = ["", "## fp16 accuracy (torch autocast vs fp32, the model's own masks)", "",
+             "Cells match at IoU > 0.5. DESIGN.md bar: matched-cell F1 >= 0.99, per-cell IoU >= 0.97.", "",
+             "| boxes | cells fp32 / fp16 | F1 | IoU mean | IoU p5 | IoU min | boxes matched (IoU >= 0.9) |",
+             "|---|---|---|---|---|---|---|"]
+
+    def num(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    for name, r in result.items():
+        lab, box = r["labels"], r["boxes"]
+        lines.append(f"| {name} | {lab['reference_cells']} / {lab['test_cells']} | {lab['f1']:.4f} | "
+                     f"{num(lab['iou_mean'])} | {num(lab['iou_p5'])} | {num(lab['iou_min'])} | "
+                     f"{box['matched']} of {box['reference_boxes']} |")
+    return lines
 
 
 def throughput_markdown(result: dict[str, Any] | None) -> list[str]:

@@ -261,3 +261,15 @@ def test_smoke_report_has_large_image_throughput(smoke_report):
     assert result["single"]["cells"] == result["dask"]["cells"]
     text = paths["markdown"].read_text()
     assert "## Large image: single process vs dask workers" in text and "dask, 2 workers" in text
+
+
+def test_precision_section_lists_each_box_source(steered_tiny, cell_image):
+    from cellsam_trt.accuracy import precision_agreement
+
+    session = CellSAM.from_network(steered_tiny, device="cpu")
+    same = precision_agreement(session, session, cell_image)
+    lines = bench.precision_markdown({"cellfinder": same})
+    row = next(line for line in lines if line.startswith("| cellfinder"))
+    cells = same["labels"]["reference_cells"]
+    assert f"| {cells} / {cells} | 1.0000 | 1.0000 | 1.0000 | 1.0000 |" in row
+    assert bench.precision_markdown(None) == []
