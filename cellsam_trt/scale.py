@@ -57,8 +57,8 @@ import numpy as np
 from .tiling import (
     ImageSource, TileGrid, TiledDetails, TileResult, _combine_tables, assign_boxes, channel_statistics,
     check_tiling, clahe_region, compaction_table, finish_normalization, finish_statistics, label_dtype,
-    merge_statistics, paint_tile, region_extremes, regions, scale_clahe, segment_tile_batch, tile_batches,
-    top_count,
+    merge_statistics, paint_tile, region_extremes, regions, resolve_band, scale_clahe, segment_tile_batch,
+    tile_batches, top_count,
 )
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,8 @@ def _task_tiles(plugin: str, source: ImageSource, grid: TileGrid, batch: list[in
 
 
 def _task_stitch(grid: TileGrid, tiles_path: str, labels_path: str, offsets: dict[int, int],
-                 region: tuple[int, int, int, int], remove_boundaries: bool, dtype: str) -> np.ndarray:
+                 luts: dict[int, np.ndarray], region: tuple[int, int, int, int], remove_boundaries: bool,
+                 dtype: str) -> np.ndarray:
     y0, y1, x0, x1 = region
     # the outline of a pixel depends on its left and lower neighbours
     ey1 = min(grid.height, y1 + 1) if remove_boundaries else y1
@@ -234,7 +235,7 @@ def _task_stitch(grid: TileGrid, tiles_path: str, labels_path: str, offsets: dic
     tiles = _open(tiles_path)
     for t in grid.overlapping(y0, ey1, ex0, x1):
         if t.index in offsets:
-            paint_tile(out, (y0, ex0), np.asarray(tiles[t.index]), t, offsets[t.index])
+            paint_tile(out, (y0, ex0), np.asarray(tiles[t.index]), t, offsets[t.index], luts[t.index])
     if remove_boundaries:
         from .postprocess import remove_boundaries as outline
 
@@ -413,6 +414,7 @@ def segment_dask(
         timings["tiles"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        resolve_band(tables)
         offsets, total = {}, 0
         for r in tables:  # raster order = id order, as in segment_large
             if r.count:
@@ -423,9 +425,10 @@ def segment_dask(
         zarr.create_array(labels_path, shape=(height, width), chunks=(block, block), dtype=dtype.name,
                           fill_value=0, overwrite=True)
         out_blocks = regions(height, width, block)
+        luts = client.scatter([{r.index: r.lut for r in tables if r.count}], broadcast=True, hash=False)[0]
         futures = client.map(_task_stitch, [grid] * len(out_blocks), [tiles_path] * len(out_blocks),
-                             [labels_path] * len(out_blocks), [offsets] * len(out_blocks), out_blocks,
-                             remove_boundaries=remove_boundaries, dtype=dtype.name, pure=False)
+                             [labels_path] * len(out_blocks), [offsets] * len(out_blocks), [luts] * len(out_blocks),
+                             out_blocks, remove_boundaries=remove_boundaries, dtype=dtype.name, pure=False)
         present = np.unique(np.concatenate(_gather(client, futures, "stitching", progress)))
         lut = compaction_table(present, total)
         if lut is not None:

@@ -9,7 +9,9 @@ Data flow (H, W the image size, T the tile side, O the overlap):
       -> tiles T x T (``TileGrid``), B at a time through ``CellSAM.segment_batch``
          (one batched encoder call, one batched CellFinder call, then the usual per-image
          decoding and clean-up)
-      -> per tile: keep the cells whose centroid lies in the tile's core (``select_core_cells``)
+      -> per tile: the cells whose centroid lies in the tile's core or in a band around it
+         (``tile_candidates``); band cells seen by two tiles are matched and kept once
+         (``resolve_band``)
       -> paint the kept cells into the output with unique ids (``paint_tile``)
       -> labels (H, W) int32, or uint32 when more than 65535 cells
 
@@ -22,6 +24,13 @@ than O/2 lies wholly inside that tile, so it is never cut; a neighbour's view of
 cell (whole or cut at the neighbour's edge) has its centroid outside the neighbour's core
 and is dropped, so it is never duplicated. Where kept cells of two tiles claim the same
 pixel, the tile whose core holds the pixel wins, otherwise the earlier tile in raster order.
+
+Two views of one cell are not identical (each tile sees other context), so for a cell
+whose centroid lies within a few pixels of a core boundary the two tiles may disagree on
+the side: both would keep it (two halves, split at the boundary) or neither (a lost cell).
+Cells whose centroid lies within ``band_width`` (overlap / 4) of an inner core boundary
+are therefore matched across tiles by mask IoU (> 0.5) and each matched cell is kept
+once, from the tile that has it inside its core, the deepest if several do.
 We chose this over the released WSI code's IoU merging in the overlap because (1) it needs
 no threshold and cannot chain unrelated cells into one label, (2) the decision is local to
 one tile, so stitching is a single pass that can run chunk by chunk (dask, zarr) without a
@@ -637,6 +646,16 @@ class TileResult:
         scores, iou: (count,) float32 CellFinder score (NaN for user boxes) and predicted IoU.
         cut: (count,) bool, the cell touches a tile edge inside the image (it may be cut).
         num_candidates: boxes this tile sent to the decoder.
+        inside: (count,) bool, the cell's centroid lies in the tile's core.
+        depth: (count,) float64, how far (px) the centroid lies inside the core from its
+            nearest inner boundary (negative: outside).
+        band: {cell: (y0, x0, mask)} the cells whose centroid lies within ``band_width`` px of an
+            inner core boundary, their masks cropped to their bounding box (image pixels);
+            ``resolve_band`` matches them with the neighbours' views.
+        lut: candidate id -> kept id (0: dropped), set by ``resolve_band``.
+
+    Before ``resolve_band`` the cells are the tile's candidates (centroid in the core or
+    within the band around it); after it, the cells the tile keeps.
     """
 
     index: int
@@ -647,21 +666,34 @@ class TileResult:
     iou: np.ndarray
     cut: np.ndarray
     num_candidates: int = 0
+    inside: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    depth: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    band: dict[int, tuple[int, int, np.ndarray]] = field(default_factory=dict)
+    lut: np.ndarray | None = None
 
 
-def select_core_cells(labels: np.ndarray, tile: Tile, height: int, width: int,
-                      keep_all: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep the cells of a tile whose centroid lies in the tile's core.
+def band_width(grid: TileGrid) -> float:
+    """How far (px) from a core boundary two tiles' views of one cell may put its centroid
+    on different sides: a quarter of the overlap, at least 2 px (0 without overlap)."""
+    return 0.0 if grid.overlap == 0 else max(2.0, grid.overlap / 4)
+
+
+def tile_candidates(labels: np.ndarray, tile: Tile, height: int, width: int, keep_all: bool = False,
+                    band: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The cells a tile may keep: centroid in its core, or within ``band`` px around it.
 
     Args:
         labels: (h, w) integer labels of the tile window (0 background).
         tile: the tile (window and core in image pixels).
         height, width: image size (tile edges on the image border cut nothing).
         keep_all: keep every cell (user boxes: each box is decoded in one tile only).
+        band: width (px) of the band around inner core boundaries (``band_width``).
 
     Returns:
-        kept (h, w) int32 with the kept cells renumbered 1..k in increasing label order,
-        their original labels (k,), and whether each touches an inner tile edge (k,) bool.
+        labels (h, w) int32 with the candidates renumbered 1..k in increasing label order,
+        their original labels (k,), whether each touches an inner tile edge (k,) bool,
+        whether its centroid is in the core (k,) bool, the centroid's depth inside the core
+        (k,) float64, and {candidate: (y0, x0, mask crop)} for the candidates in the band.
     """
     if labels.shape != tile.shape:
         raise ValueError(f"labels: expected the tile's shape {tile.shape}, got {labels.shape}")
@@ -673,10 +705,17 @@ def select_core_cells(labels: np.ndarray, tile: Tile, height: int, width: int,
     cx = np.bincount(flat, weights=xs, minlength=n) / np.maximum(counts, 1) + tile.x0
     present = counts > 0
     present[0] = False
+    inside = (cy >= tile.cy0) & (cy < tile.cy1) & (cx >= tile.cx0) & (cx < tile.cx1)
+    # distance to the core's inner boundaries only: beyond the image border no tile competes
+    sides = [cy - tile.cy0 if tile.cy0 > 0 else np.inf, tile.cy1 - cy if tile.cy1 < height else np.inf,
+             cx - tile.cx0 if tile.cx0 > 0 else np.inf, tile.cx1 - cx if tile.cx1 < width else np.inf]
+    depth = np.minimum.reduce([np.broadcast_to(side, cy.shape) for side in sides])
     if keep_all:
         keep = present
+        in_band = np.zeros(n, bool)
     else:
-        keep = present & (cy >= tile.cy0) & (cy < tile.cy1) & (cx >= tile.cx0) & (cx < tile.cx1)
+        in_band = present & (np.abs(depth) < band)
+        keep = present & (inside | in_band)
     kept = np.flatnonzero(keep)
     lut = np.zeros(n, dtype=np.int32)
     lut[kept] = np.arange(1, len(kept) + 1, dtype=np.int32)
@@ -691,11 +730,110 @@ def select_core_cells(labels: np.ndarray, tile: Tile, height: int, width: int,
         edge[np.unique(labels[:, 0])] = True
     if tile.x1 < width:
         edge[np.unique(labels[:, -1])] = True
-    return out, kept, edge[kept]
+    crops = {}
+    if in_band.any():
+        from scipy.ndimage import find_objects
+
+        windows = find_objects(out)
+        for original in np.flatnonzero(in_band):
+            k = int(lut[original])
+            wy, wx = windows[k - 1]
+            crops[k] = (tile.y0 + wy.start, tile.x0 + wx.start, out[wy, wx] == k)
+    return out, kept, edge[kept], inside[kept], depth[kept], crops
 
 
-def paint_tile(out: np.ndarray, origin: tuple[int, int], kept: np.ndarray, tile: Tile, offset: int) -> None:
+def select_core_cells(labels: np.ndarray, tile: Tile, height: int, width: int,
+                      keep_all: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the cells of a tile whose centroid lies in the tile's core (no band).
+
+    Returns:
+        kept (h, w) int32 with the kept cells renumbered 1..k in increasing label order,
+        their original labels (k,), and whether each touches an inner tile edge (k,) bool.
+    """
+    return tile_candidates(labels, tile, height, width, keep_all)[:3]
+
+
+def _mask_iou(a: tuple[int, int, np.ndarray], b: tuple[int, int, np.ndarray]) -> float:
+    (ay, ax, am), (by, bx, bm) = a, b
+    y0, x0 = max(ay, by), max(ax, bx)
+    y1, x1 = min(ay + am.shape[0], by + bm.shape[0]), min(ax + am.shape[1], bx + bm.shape[1])
+    if y0 >= y1 or x0 >= x1:
+        return 0.0
+    inter = np.count_nonzero(am[y0 - ay:y1 - ay, x0 - ax:x1 - ax] & bm[y0 - by:y1 - by, x0 - bx:x1 - bx])
+    return inter / (np.count_nonzero(am) + np.count_nonzero(bm) - inter)
+
+
+def resolve_band(results: Sequence[TileResult], match_iou: float = 0.5, bucket: int = 64) -> None:
+    """Decide which candidates each tile keeps, in place (sets ``lut``, filters the tables).
+
+    A cell near a core boundary lies whole in both tiles, and the two views' centroids can
+    fall on different sides of the boundary: by the centroid rule alone both tiles would
+    keep it (two halves, split where the cores meet) or neither would (a lost cell). So the
+    band candidates of different tiles whose masks overlap with IoU > ``match_iou`` are
+    taken as one cell, and that cell keeps one view: one whose centroid lies in its own
+    tile's core if there is one, the deepest in its core among those (ties: the earlier
+    tile). Every other candidate is kept where its centroid lies in the core, as before.
+    The decision depends only on the tables, so the single-process and dask paths make the
+    same one.
+    """
+    entries = [(i, k, crop) for i, r in enumerate(results) for k, crop in sorted(r.band.items())]
+    keep = [r.inside.copy() for r in results]
+    parent = list(range(len(entries)))
+
+    def root(e: int) -> int:
+        while parent[e] != e:
+            parent[e] = parent[parent[e]]
+            e = parent[e]
+        return e
+
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for e, (_, _, (y0, x0, mask)) in enumerate(entries):
+        for by in range(y0 // bucket, (y0 + mask.shape[0] - 1) // bucket + 1):
+            for bx in range(x0 // bucket, (x0 + mask.shape[1] - 1) // bucket + 1):
+                buckets.setdefault((by, bx), []).append(e)
+    tested = set()
+    for members in buckets.values():
+        for a_pos, a in enumerate(members):
+            for b in members[a_pos + 1:]:
+                if entries[a][0] == entries[b][0] or (a, b) in tested:
+                    continue
+                tested.add((a, b))
+                if _mask_iou(entries[a][2], entries[b][2]) > match_iou:
+                    parent[root(b)] = root(a)
+    groups: dict[int, list[int]] = {}
+    for e in range(len(entries)):
+        groups.setdefault(root(e), []).append(e)
+
+    def rank(e: int) -> tuple[bool, float]:
+        r, k = results[entries[e][0]], entries[e][1] - 1
+        return bool(r.inside[k]), float(r.depth[k])
+
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        # inside its core beats outside (the half-open core decides a centroid on the
+        # boundary), then the deeper view; entries are in tile order, so max() keeps the
+        # earlier tile on ties
+        best = max(members, key=rank)
+        for e in members:
+            i, k, _ = entries[e]
+            keep[i][k - 1] = e == best
+
+    for r, kept in zip(results, keep):
+        lut = np.zeros(r.count + 1, dtype=np.int32)
+        lut[1:][kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.int32)
+        r.lut = lut
+        r.count = int(kept.sum())
+        r.boxes, r.scores, r.iou, r.cut = r.boxes[kept], r.scores[kept], r.iou[kept], r.cut[kept]
+        r.inside, r.depth = r.inside[kept], r.depth[kept]
+        r.band = {}
+
+
+def paint_tile(out: np.ndarray, origin: tuple[int, int], kept: np.ndarray, tile: Tile, offset: int,
+               lut: np.ndarray | None = None) -> None:
     """Paint a tile's kept cells (ids 1..k -> offset+1..offset+k) into ``out``, in place.
+
+    ``lut`` maps the ids in ``kept`` to 1..k first (0: not painted), as ``resolve_band`` sets.
 
     ``out`` covers the image region starting at ``origin`` (y, x); any region works, so the
     whole image and chunk-by-chunk painting give the same pixels when tiles are painted in
@@ -709,6 +847,8 @@ def paint_tile(out: np.ndarray, origin: tuple[int, int], kept: np.ndarray, tile:
     if y0 >= y1 or x0 >= x1:
         return
     src = kept[y0 - tile.y0:y1 - tile.y0, x0 - tile.x0:x1 - tile.x0]
+    if lut is not None:
+        src = lut[src]
     dst = out[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
     fill = (src > 0) & (dst == 0)
     dst[fill] = src[fill].astype(out.dtype) + out.dtype.type(offset)
@@ -753,14 +893,19 @@ def stitch_tiles(grid: TileGrid, tile_labels: Sequence[np.ndarray], *, keep_all:
     """
     if len(tile_labels) != len(grid):
         raise ValueError(f"tile_labels: expected {len(grid)} tiles, got {len(tile_labels)}")
-    kept = [select_core_cells(np.asarray(lab), t, grid.height, grid.width, keep_all)[0]
-            for lab, t in zip(tile_labels, grid.tiles())]
-    counts = [int(k.max()) if k.size else 0 for k in kept]
+    results = []
+    for lab, t in zip(tile_labels, grid.tiles()):
+        kept, originals, cut, inside, depth, band = tile_candidates(
+            np.asarray(lab), t, grid.height, grid.width, keep_all, band_width(grid))
+        nan = np.full(len(originals), np.nan, np.float32)
+        results.append(TileResult(t.index, kept, len(originals), np.full((len(originals), 4), np.nan, np.float32),
+                                  nan, nan, cut, 0, inside, depth, band))
+    resolve_band(results)
     out = np.zeros((grid.height, grid.width), dtype=np.uint32)
     offset = 0
-    for k, t, c in zip(kept, grid.tiles(), counts):
-        paint_tile(out, (0, 0), k, t, offset)
-        offset += c
+    for r in results:
+        paint_tile(out, (0, 0), r.labels, grid.tile(r.index), offset, r.lut)
+        offset += r.count
     labels, _ = _compact(out, offset)
     return labels
 
@@ -828,10 +973,14 @@ def segment_tile_batch(session: Any, grid: TileGrid, indices: Sequence[int], rea
                                     warn_empty=False, **segment_options)
     results = []
     for t, (labels, details) in zip(tiles, outputs):
-        kept, originals, cut = select_core_cells(labels, t, grid.height, grid.width, keep_all=tile_boxes is not None)
+        kept, originals, cut, inside, depth, band = tile_candidates(
+            labels, t, grid.height, grid.width, tile_boxes is not None, band_width(grid))
         boxes_of, scores_of, iou_of = _cell_table(details, originals)
         boxes_of = boxes_of + np.array([t.x0, t.y0, t.x0, t.y0], dtype=np.float32)
-        results.append(TileResult(t.index, kept, len(originals), boxes_of, scores_of, iou_of, cut, details.num_candidates))
+        # the smallest integer type keeps the tiles that wait for resolve_band small
+        kept = kept.astype(np.uint16) if len(originals) <= np.iinfo(np.uint16).max else kept
+        results.append(TileResult(t.index, kept, len(originals), boxes_of, scores_of, iou_of, cut,
+                                  details.num_candidates, inside, depth, band))
     return results
 
 
@@ -973,17 +1122,10 @@ def segment_large(
     active = range(len(grid)) if tile_boxes is None else sorted(tile_boxes)
 
     t0 = time.perf_counter()
-    out = np.zeros(source.shape, dtype=np.uint32)
     tables: list[TileResult] = []
-    offset = 0
     bar = _bar(len(active), progress)
     for batch in tile_batches(active, batch_size):
-        for result in segment_tile_batch(session, grid, batch, read_tile, tile_boxes, **options):
-            # raster order: painting as tiles arrive gives the same pixels as chunked stitching
-            paint_tile(out, (0, 0), result.labels, grid.tile(result.index), offset)
-            offset += result.count
-            result.labels = None
-            tables.append(result)
+        tables += segment_tile_batch(session, grid, batch, read_tile, tile_boxes, **options)
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
@@ -991,6 +1133,13 @@ def segment_large(
     timings["tiles"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    resolve_band(tables)
+    out = np.zeros(source.shape, dtype=np.uint32)
+    offset = 0
+    for result in tables:  # raster order, as the chunked (dask) stitching paints
+        paint_tile(out, (0, 0), result.labels, grid.tile(result.index), offset, result.lut)
+        offset += result.count
+        result.labels = None
     if remove_boundaries:
         from .postprocess import remove_boundaries as outline
 

@@ -194,6 +194,34 @@ def test_stitching_cells_on_borders_and_corners(disagree):
     assert_same_partition(result, truth)
 
 
+@pytest.mark.parametrize("lean", [+2, -2], ids=["views-lean-apart-would-lose", "views-lean-together-would-split"])
+def test_tiles_that_disagree_about_a_boundary_cell_give_one_label(lean):
+    """Both tiles see a cell near the core boundary whole, but each view puts its centroid
+    on the other side (``lean`` > 0: both outside their core, the centroid rule alone loses
+    the cell) or both on their own side (< 0: both keep it, two halves split at the boundary).
+    The band matching keeps exactly one view."""
+    from cellsam_trt.accuracy import label_agreement
+
+    grid = TileGrid.plan(256, 700, 256, 64)  # one row of four tiles
+    radius = 12
+    centres = [(y, b + side) for b in grid.bounds_x[1:-1] for y, side in zip(range(20, 240, 30), [-1, 1] * 4)]
+    centres += [(128, 100), (128, 600)]  # far from any boundary: one view only
+    truth = disc_labels(256, 700, centres, radius)
+    views = []
+    for t in grid.tiles():
+        shifted = []
+        for cy, cx in centres:
+            # a boundary cell seen from the tile left of it leans right by ``lean``, and vice versa
+            near = [b for b in grid.bounds_x[1:-1] if abs(cx - b) <= 1]
+            dx = 0 if not near else (lean if t.cx1 <= near[0] else -lean)
+            shifted.append((cy, cx + dx))
+        views.append(disc_labels(256, 700, shifted, radius)[t.y0:t.y1, t.x0:t.x1])
+    result = stitch_tiles(grid, views)
+    agreement = label_agreement(truth, result)
+    assert agreement["reference_cells"] == len(centres) == agreement["test_cells"] == agreement["matched"]
+    assert agreement["iou_min"] > 0.75  # each kept view is the cell, shifted by 2 px
+
+
 def test_stitching_conflicting_views_is_region_independent():
     """Painting the whole image or chunk by chunk (the dask path) gives the same pixels."""
     rng = np.random.default_rng(4)
