@@ -49,13 +49,14 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .tiling import (
-    ImageSource, TileGrid, TiledDetails, TileResult, _combine_tables, assign_boxes, channel_statistics,
+    ChannelNorm, ImageSource, TileGrid, TiledDetails, TileResult, _combine_tables, assign_boxes, channel_statistics,
     check_tiling, clahe_region, compaction_table, finish_normalization, finish_statistics, label_dtype,
     merge_statistics, paint_tile, region_extremes, regions, resolve_band, scale_clahe, segment_tile_batch,
     tile_batches, top_count,
@@ -204,8 +205,36 @@ def _task_clahe(source: ImageSource, region: tuple[int, int, int, int], norm, pa
     return region_extremes(part)
 
 
+def save_table(path: str | os.PathLike, r: TileResult) -> None:
+    """One tile's cell table (everything but its labels) as .npz, atomically; no pickles."""
+    from .io import atomic_write
+
+    ids = sorted(r.band)
+    corners = np.array([[r.band[k][0], r.band[k][1], *r.band[k][2].shape] for k in ids], np.int64).reshape(-1, 4)
+    masks = np.concatenate([r.band[k][2].ravel() for k in ids]) if ids else np.zeros(0, bool)
+    arrays = dict(index=r.index, count=r.count, num_candidates=r.num_candidates, boxes=r.boxes, scores=r.scores,
+                  iou=r.iou, cut=r.cut, inside=r.inside, depth=r.depth, band_ids=np.array(ids, np.int64),
+                  band_corners=corners, band_masks=masks)
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+
+
+def load_table(path: str | os.PathLike) -> TileResult:
+    """The table ``save_table`` wrote (labels stay in the scratch zarr: ``labels`` is None)."""
+    with np.load(path, allow_pickle=False) as z:
+        band, start = {}, 0
+        for k, (y0, x0, h, w) in zip(z["band_ids"].tolist(), z["band_corners"].tolist()):
+            band[k] = (y0, x0, z["band_masks"][start:start + h * w].reshape(h, w))
+            start += h * w
+        return TileResult(int(z["index"]), None, int(z["count"]), z["boxes"], z["scores"], z["iou"], z["cut"],
+                          int(z["num_candidates"]), z["inside"], z["depth"], band)
+
+
+def _table_path(tables_dir: str, index: int) -> str:
+    return os.path.join(tables_dir, f"tile-{index:06d}.npz")
+
+
 def _task_tiles(plugin: str, source: ImageSource, grid: TileGrid, batch: list[int], norm, clahe_path: str | None,
-                tiles_path: str, tile_boxes: dict | None, options: dict) -> list[TileResult]:
+                tiles_path: str, tables_dir: str, tile_boxes: dict | None, options: dict) -> list[TileResult]:
     session = worker_session(plugin)
     if clahe_path is None:
         def read_tile(t):
@@ -221,6 +250,8 @@ def _task_tiles(plugin: str, source: ImageSource, grid: TileGrid, batch: list[in
         if r.count:
             tiles[r.index] = r.labels
         r.labels = None  # only the small table goes back
+        # after the labels: a table on disk means the tile is done (resume=True reuses it)
+        save_table(_table_path(tables_dir, r.index), r)
     return results
 
 
@@ -315,6 +346,7 @@ def segment_dask(
     chunk_size: int | None = None,
     channel_axis: int | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     keep_scratch: bool = False,
     return_details: bool = False,
     progress: bool = False,
@@ -337,6 +369,11 @@ def segment_dask(
             result is identical to it (same tiles, batches and stitching).
         block: side of the normalisation regions and of the output chunks.
         overwrite: replace an existing ``output``.
+        resume: finish a run into ``output`` that failed or was killed: the normalisation
+            and every tile batch it completed are reused (tiles are written to the scratch
+            space as they finish), the rest is computed; the result equals an uninterrupted
+            run. Refused when ``output`` was started with other settings, another image
+            (path, size and mtime; content hash for numpy arrays) or other weights.
         keep_scratch: keep the intermediate CLAHE image and tile labels (``_scratch``).
         return_details: also return ``TiledDetails``.
         progress: progress bars per phase.
@@ -351,22 +388,36 @@ def segment_dask(
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
     output = str(Path(output).resolve())
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"output: {output} exists; pass overwrite=True to replace it")
+    if overwrite and resume:
+        raise ValueError("overwrite/resume: give one of them, not both")
+    if os.path.exists(output) and not (overwrite or resume):
+        raise FileExistsError(f"output: {output} exists; pass resume=True to finish an interrupted run into it, "
+                              "or overwrite=True to replace it")
 
     own_cluster = None
     if client is None:
         client, own_cluster = _default_client()
     try:
-        root = zarr.open_group(output, mode="w")
-        root.create_group(SCRATCH)
+        plugin = prepare_workers(client, checkpoint, backend=backend, device=device,
+                                 backend_options=backend_options, options=options, torch_threads=torch_threads)
+        run_key = _run_key(image, channel_axis, plugin, boxes, dict(
+            tile_size=tile_size, overlap=overlap, batch_size=batch_size, block=block, bbox_threshold=bbox_threshold,
+            normalize=bool(normalize), postprocess=bool(postprocess), chunk_size=chunk_size))
+        root = _open_run(output, run_key, resume)
+        if root.attrs.get("complete"):
+            log.info("resume: %s is already complete", output)
+            return _stored_result(root, output, return_details)
         scratch = f"{output}/{SCRATCH}"
-        source = _as_source(image, channel_axis, scratch, client)
+        tables_dir = os.path.join(scratch, "tables")
+        os.makedirs(tables_dir, exist_ok=True)
+        if root.attrs.get("input_stored"):
+            source = ImageSource(zarr.open_array(f"{scratch}/input", mode="r"), channel_axis)
+        else:
+            source = _as_source(image, channel_axis, scratch, client)
+            root.attrs["input_stored"] = type(image).__module__.startswith("dask")
         height, width = source.shape
         grid = TileGrid.plan(height, width, tile_size, overlap)
         timings: dict[str, float] = {}
-        plugin = prepare_workers(client, checkpoint, backend=backend, device=device,
-                                 backend_options=backend_options, options=options, torch_threads=torch_threads)
         from .pipeline import validate_boxes
 
         user_boxes = None if boxes is None else validate_boxes(boxes, height, width)
@@ -377,40 +428,51 @@ def segment_dask(
         norm, clahe_path = None, None
         if normalize:
             t0 = time.perf_counter()
-            keep = top_count(height, width)
-            stats = None
-            futures = client.map(_task_statistics, [source_arg] * len(blocks), blocks, keep=keep, pure=False)
-            for part in _gather(client, futures, "statistics", progress):
-                stats = merge_statistics(stats, part, keep)
-            norm = finish_statistics(stats)
             clahe_path = f"{scratch}/clahe"
-            zarr.create_array(clahe_path, shape=(height, width, 3), chunks=(block, block, 3), dtype="uint16",
-                              fill_value=0, overwrite=True)
-            futures = client.map(_task_clahe, [source_arg] * len(blocks), blocks, norm=norm, path=clahe_path,
-                                 pure=False)
-            extremes = _gather(client, futures, "normalisation", progress)
-            norm = finish_normalization(norm, [e[0] for e in extremes], [e[1] for e in extremes])
+            if "norm" in root.attrs:  # an interrupted run finished this phase
+                norm = [ChannelNorm(**n) for n in root.attrs["norm"]]
+            else:
+                keep = top_count(height, width)
+                stats = None
+                futures = client.map(_task_statistics, [source_arg] * len(blocks), blocks, keep=keep, pure=False)
+                for part in _gather(client, futures, "statistics", progress):
+                    stats = merge_statistics(stats, part, keep)
+                norm = finish_statistics(stats)
+                zarr.create_array(clahe_path, shape=(height, width, 3), chunks=(block, block, 3), dtype="uint16",
+                                  fill_value=0, overwrite=True)
+                futures = client.map(_task_clahe, [source_arg] * len(blocks), blocks, norm=norm, path=clahe_path,
+                                     pure=False)
+                extremes = _gather(client, futures, "normalisation", progress)
+                norm = finish_normalization(norm, [e[0] for e in extremes], [e[1] for e in extremes])
+                root.attrs["norm"] = [asdict(n) for n in norm]
             timings["normalize"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         tile_boxes = None if user_boxes is None else assign_boxes(grid, user_boxes)
         active = list(range(len(grid))) if tile_boxes is None else sorted(tile_boxes)
-        batches = tile_batches(active, batch_size)
         tiles_path = f"{scratch}/tiles"
-        zarr.create_array(tiles_path, shape=(len(grid), grid.tile_height, grid.tile_width),
-                          chunks=(1, grid.tile_height, grid.tile_width), dtype="int32", fill_value=0, overwrite=True)
+        if "tiles" not in root[SCRATCH]:
+            zarr.create_array(tiles_path, shape=(len(grid), grid.tile_height, grid.tile_width),
+                              chunks=(1, grid.tile_height, grid.tile_width), dtype="int32", fill_value=0)
+        # whole batches only: a batch's graph calls are batched, so redoing part of one could
+        # change the last float bits of its tiles against an uninterrupted run
+        done = {i for i in active if os.path.exists(_table_path(tables_dir, i))}
+        batches = [b for b in tile_batches(active, batch_size) if not set(b) <= done]
+        if done:
+            log.info("resume: %d of %d tiles already segmented", len(done), len(active))
         seg_options = dict(bbox_threshold=bbox_threshold, chunk_size=chunk_size, postprocess=postprocess)
         # Tile batches are the GPU work: start them round-robin on the workers so every GPU is
         # busy from the first batch on (the scheduler would otherwise favour the worker holding
         # the scattered image); the restriction is loose, so a lost worker's tiles move on.
         workers = sorted(client.scheduler_info()["workers"])
         futures = [
-            client.submit(_task_tiles, plugin, source_arg, grid, batch, norm, clahe_path, tiles_path,
+            client.submit(_task_tiles, plugin, source_arg, grid, batch, norm, clahe_path, tiles_path, tables_dir,
                           None if tile_boxes is None else {i: tile_boxes[i] for i in batch}, seg_options, pure=False,
                           workers=[workers[k % len(workers)]] if workers else None, allow_other_workers=True)
             for k, batch in enumerate(batches)
         ]
-        tables = [r for batch_results in _gather(client, futures, "tiles", progress) for r in batch_results]
+        fresh = {r.index: r for batch_results in _gather(client, futures, "tiles", progress) for r in batch_results}
+        tables = [fresh[i] if i in fresh else load_table(_table_path(tables_dir, i)) for i in active]
         timings["tiles"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -456,6 +518,59 @@ def segment_dask(
         if own_cluster is not None:
             client.close()
             own_cluster.close()
+
+
+def _run_key(image: Any, channel_axis: int | None, plugin: str, boxes: Any, settings: dict) -> str:
+    """What an output depends on, hashed: the image's identity, the weights, the settings."""
+    if isinstance(image, (str, os.PathLike)):
+        st = os.stat(image)
+        identity: Any = ["path", str(Path(image).resolve()), st.st_size, st.st_mtime_ns]
+    elif isinstance(image, np.ndarray):
+        identity = ["array", list(image.shape), str(image.dtype), hashlib.sha256(np.ascontiguousarray(image)).hexdigest()]
+    elif type(image).__module__.startswith("dask"):
+        identity = ["dask", image.name]  # dask's token of the graph that makes the array
+    else:
+        identity = ["array-like", type(image).__name__, str(getattr(image, "store", "")), str(getattr(image, "path", "")),
+                    [int(v) for v in image.shape], str(image.dtype)]
+    box_hash = None if boxes is None else hashlib.sha256(np.ascontiguousarray(np.asarray(boxes, np.float64))).hexdigest()
+    key = json.dumps([identity, channel_axis, plugin, box_hash, settings], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _open_run(output: str, run_key: str, resume: bool):
+    """The output group: a fresh one, or with ``resume`` the interrupted run's (same key)."""
+    import zarr
+
+    if resume and os.path.exists(output):
+        try:
+            root = zarr.open_group(output, mode="r+")
+        except Exception as err:  # zarr raises several types for a folder that is not a group
+            raise ValueError(f"output: {output} is not a cellsam-trt output to resume ({err})") from None
+        if root.attrs.get("run") != run_key:
+            raise ValueError(f"output: {output} was started with another image, other weights or other settings; "
+                             "resume=True only finishes the same run (pass overwrite=True to start again)")
+        if not root.attrs.get("complete") and SCRATCH not in root:
+            raise ValueError(f"output: {output} has no scratch space left to resume from; pass overwrite=True")
+        return root
+    root = zarr.open_group(output, mode="w")
+    root.attrs["run"] = run_key
+    root.create_group(SCRATCH)
+    return root
+
+
+def _stored_result(root: Any, output: str, return_details: bool) -> Any:
+    """The labels (and details) a completed run left in ``output``."""
+    import zarr
+
+    labels = zarr.open_array(f"{output}/labels", mode="r")
+    if not return_details:
+        return labels
+    a = root.attrs
+    cells = {name: np.asarray(root[f"cells/{name}"][...]) for name in ("boxes", "scores", "iou", "tile")}
+    grid = TileGrid.plan(*a["shape"], a["tile_size"], a["overlap"])
+    details = TiledDetails(cells["boxes"], cells["scores"], cells["iou"], cells["tile"], grid, a["num_candidates"],
+                           a["cut_cells"], dict(a["timings"]))
+    return labels, details
 
 
 def _in_memory(source: ImageSource) -> bool:

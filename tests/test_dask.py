@@ -109,3 +109,52 @@ def test_worker_device_choice():
 
         with pytest.raises(BackendError, match="CUDA"):
             worker_device("cuda", 0)
+
+
+def test_a_failed_run_resumes_to_the_uninterrupted_labels(client, checkpoint, session, tmp_path, monkeypatch):
+    from cellsam_trt import scale
+
+    image, cells = synthetic_slide(700, 640, seed=5)
+    options = dict(tile_size=256, overlap=64, batch_size=2, boxes=cells[::4], return_details=True)
+    expected, exp_details = segment_large(session, image, **options)
+    assert expected.max() >= 5
+
+    real = scale.segment_tile_batch
+    ran: list[tuple[int, ...]] = []
+
+    def failing(session, grid, indices, *args, **kwargs):
+        if 4 in indices:
+            raise RuntimeError("worker lost (staged)")
+        ran.append(tuple(indices))
+        return real(session, grid, indices, *args, **kwargs)
+
+    out = tmp_path / "out.zarr"
+    monkeypatch.setattr(scale, "segment_tile_batch", failing)
+    with pytest.raises(RuntimeError, match="staged"):
+        segment_dask(image, client, output=out, checkpoint=checkpoint, **options)
+    finished = {i for batch in ran for i in batch}
+    assert finished and len(list((out / "_scratch" / "tables").glob("tile-*.npz"))) <= len(finished)
+
+    def counting(session, grid, indices, *args, **kwargs):
+        ran.append(tuple(indices))
+        return real(session, grid, indices, *args, **kwargs)
+
+    monkeypatch.setattr(scale, "segment_tile_batch", counting)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        segment_dask(image, client, output=out, checkpoint=checkpoint, **options)
+    with pytest.raises(ValueError, match="another image, other weights or other settings"):
+        segment_dask(image, client, output=out, checkpoint=checkpoint, resume=True, **dict(options, overlap=32))
+    saved = {i for i in finished if (out / "_scratch" / "tables" / f"tile-{i:06d}.npz").exists()}
+    assert saved  # what finished before the failure is on disk
+    ran.clear()
+    labels, details = segment_dask(image, client, output=out, checkpoint=checkpoint, resume=True, **options)
+    redone = {i for batch in ran for i in batch}
+    assert redone and not redone & saved  # finished batches are not computed again
+    np.testing.assert_array_equal(labels[...], expected)
+    np.testing.assert_array_equal(details.boxes, exp_details.boxes)
+
+    ran.clear()  # resuming a complete output returns it
+    again, again_details = segment_dask(image, client, output=out, checkpoint=checkpoint, resume=True, **options)
+    assert not ran
+    np.testing.assert_array_equal(again[...], expected)
+    np.testing.assert_array_equal(again_details.iou, exp_details.iou)
