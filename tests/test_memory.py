@@ -6,9 +6,10 @@ from cellsam_trt.config import ModelConfig
 
 
 def test_estimate_matches_measured_scale():
-    # measured on the CPU: 34 MB per box for the ViT-B decoder in fp32
+    # measured on the CPU (ViT-B, fp32): 13 MB per box (BoxDecoder), 21 MB (SAM's own call);
+    # the estimate must stay above both with a margin, and within 3x of them
     per_box = memory.decoder_bytes_per_box(ModelConfig.cellsam())
-    assert 30e6 < per_box < 45e6
+    assert 25e6 < per_box < 45e6
 
 
 def test_chunk_shrinks_to_fit_and_refuses_when_nothing_fits(monkeypatch):

@@ -1,0 +1,69 @@
+"""Decoder alone: SAM's batched call (image side repeated per box) against BoxDecoder.forward
+(box-independent work computed once), side by side on one device.
+
+    python bench/bench_decoder.py --config cellsam-vit-b --n 16,64 --device cpu
+    python bench/bench_decoder.py --config cellsam-vit-b --n 256,1024,3500 --device cuda --fp16
+
+Prints one JSON line per (formulation, N): median ms per call and per box, peak GPU memory.
+Random weights: the decoder's cost does not depend on the values.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import torch
+
+from cellsam_trt.checkpoint import random_network
+from cellsam_trt.config import ModelConfig
+from cellsam_trt.modeling import BoxDecoder
+
+
+def time_call(fn, device: torch.device, repeats: int) -> list[float]:
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=["tiny", "cellsam-vit-b"], default="cellsam-vit-b")
+    parser.add_argument("--n", default="16,64", help="box counts, comma-separated")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--fp16", action="store_true", help="CUDA autocast fp16")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sam = random_network(ModelConfig.named(args.config), seed=0).eval().sam.to(device)
+    decoder = BoxDecoder(sam.prompt_encoder, sam.mask_decoder)
+    g = torch.Generator().manual_seed(0)
+    embedding = torch.randn(1, sam.prompt_encoder.embed_dim, 64, 64, generator=g).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if args.fp16 else contextlib.nullcontext()
+    for n in (int(v) for v in args.n.split(",")):
+        corner = torch.rand(n, 2, generator=g) * 900
+        boxes = torch.cat([corner, corner + 8 + torch.rand(n, 2, generator=g) * 100], 1).to(device)
+        for name, fn in (("sam_repeat", decoder.forward_per_box_repeat), ("shared", decoder.forward)):
+            with torch.inference_mode(), autocast:
+                fn(embedding, boxes)  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                samples = time_call(lambda: fn(embedding, boxes), device, args.repeats)
+            median = statistics.median(samples)
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            print(json.dumps({"formulation": name, "n": n, "device": str(device), "fp16": args.fp16,
+                              "ms_per_call": round(median * 1e3, 2), "ms_per_box": round(median * 1e3 / n, 3),
+                              "peak_gpu_bytes": peak, "config": args.config, "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()
