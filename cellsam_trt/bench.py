@@ -505,15 +505,9 @@ def per_box_paint(logits: Tensor, out_shape: tuple[int, int], model_size: int = 
     (N, L, L) logits -> (H, W) int64 labels: each mask upsampled L -> model_size ->
     out_shape (bilinear), thresholded, and painted as ``max(k * mask_k)``.
     """
-    masks = []
-    for low in logits.cpu():
-        up = F.interpolate(low[None, None], (model_size, model_size), mode="bilinear", align_corners=False)
-        up = F.interpolate(up, out_shape, mode="bilinear", align_corners=False)
-        masks.append((torch.sigmoid(up[0, 0]) > mask_threshold).numpy().astype(np.uint8))
-    if not masks:
-        return np.zeros(out_shape, dtype=np.int64)
-    stack = np.stack(masks)
-    return np.max(stack * np.arange(1, len(masks) + 1)[:, None, None], axis=0)
+    from .reference import paint_masks, upsample_mask
+
+    return paint_masks([upsample_mask(low, model_size, out_shape, mask_threshold) for low in logits], out_shape)
 
 
 def painter_bench(ns: Sequence[int], device: torch.device | str = "cpu", out_shape: tuple[int, int] = (1024, 1024),

@@ -46,9 +46,21 @@ def per_box_labels(
         )
         if iou[0, 0] < iou_threshold:
             continue
-        up = F.interpolate(low_res.cpu(), (size, size), mode="bilinear", align_corners=False)
-        up = F.interpolate(up, out_shape, mode="bilinear", align_corners=False)
-        masks.append((torch.sigmoid(up[0, 0]) > mask_threshold).numpy().astype(np.uint8))
+        masks.append(upsample_mask(low_res[0, 0], size, out_shape, mask_threshold))
+    return paint_masks(masks, out_shape)
+
+
+def upsample_mask(logits: torch.Tensor, model_size: int, out_shape: tuple[int, int], mask_threshold: float = 0.4
+                  ) -> np.ndarray:
+    """One (L, L) mask logit map -> (H, W) uint8 foreground, on the CPU: bilinear L ->
+    model_size -> out_shape, then sigmoid > threshold (the released post-processing)."""
+    up = F.interpolate(logits.cpu()[None, None], (model_size, model_size), mode="bilinear", align_corners=False)
+    up = F.interpolate(up, out_shape, mode="bilinear", align_corners=False)
+    return (torch.sigmoid(up[0, 0]) > mask_threshold).numpy().astype(np.uint8)
+
+
+def paint_masks(masks: list[np.ndarray], out_shape: tuple[int, int]) -> np.ndarray:
+    """The released painting: (H, W) int64 ``max(k * mask_k)``, masks numbered from 1."""
     if not masks:
         return np.zeros(out_shape, dtype=np.int64)
     stack = np.stack(masks)
