@@ -123,14 +123,15 @@ class CellSAM:
 
     Args:
         backend: a ``Backend`` (torch, onnxruntime or tensorrt) holding the graphs.
-        options: default thresholds and chunk size (``InferenceConfig``).
+        options: default thresholds and chunk size (``InferenceConfig``; default: the
+            released thresholds and the backend's ``default_chunk_size``).
     """
 
     def __init__(self, backend: Backend, options: InferenceConfig | None = None) -> None:
         if not isinstance(backend, Backend):
             raise TypeError(f"backend: expected a cellsam_trt Backend, got {type(backend).__name__}")
         self.backend = backend
-        self.options = options or InferenceConfig()
+        self.options = options or InferenceConfig(chunk_size=backend.default_chunk_size)
         self._device_lock = threading.Lock()
 
     @classmethod
@@ -182,7 +183,7 @@ class CellSAM:
                 the image must already lie in [0, 1].
             postprocess: the released optional morphological clean-up.
             remove_boundaries: zero a one-pixel outline around each cell.
-            chunk_size: boxes per decoder call (default 256).
+            chunk_size: boxes per decoder call (default: the backend's, 256; 4 for torch on the CPU).
             channel_axis: axis of the channels for 3-D input (default: the smallest axis).
             return_details: also return a ``SegmentationDetails``.
             progress: show a progress bar over decoder chunks.

@@ -215,7 +215,9 @@ def test_threads_share_one_session(session, cell_image):
     from concurrent.futures import ThreadPoolExecutor
 
     jobs = [(cell_image[: 200 + 20 * i], user_boxes(6, 200 + 20 * i, 400, seed=i)) for i in range(4)]
+    jobs += [(cell_image[:160, :200], None), (cell_image[100:, 150:], None)]  # the CellFinder path too
     sequential = [session.segment(img, boxes=b) for img, b in jobs]
+    assert all(labels.any() for labels in sequential)
     with ThreadPoolExecutor(4) as pool:
         threaded = list(pool.map(lambda job: session.segment(job[0], boxes=job[1]), jobs))
     for a, b in zip(sequential, threaded):

@@ -27,6 +27,7 @@ class Backend(abc.ABC):
         adapted_inputs: True when the weights include the ``model_cp`` copy; the released
             preprocessing differs then (see ``preprocess.embedding_input``).
         max_decoder_boxes: most boxes one ``decoder`` call accepts (None: no limit).
+        default_chunk_size: boxes per decoder call when the caller does not choose.
     """
 
     name: str = "base"
@@ -34,6 +35,7 @@ class Backend(abc.ABC):
     config: ModelConfig
     adapted_inputs: bool = True
     max_decoder_boxes: int | None = None
+    default_chunk_size: int = 256
 
     @abc.abstractmethod
     def encoder(self, images: Tensor) -> Tensor:
