@@ -51,10 +51,10 @@ def format_image(image: Any, channel_axis: int | None = None) -> np.ndarray:
     if channel_axis is not None and (isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral)):
         raise ValueError(f"channel_axis: expected an integer axis (0, 1, 2 or negative) or None, got {channel_axis!r}")
     if isinstance(image, Tensor):
-        # numpy has no bfloat16 (and no other torch-only dtypes): widen those first
         image = image.detach().cpu()
-        image = (image.double() if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32,
-                 torch.float64) else image).numpy()
+        if image.is_floating_point() and image.dtype not in (torch.float16, torch.float32, torch.float64):
+            image = image.double()  # numpy has no bfloat16 (nor torch's other small floats)
+        image = image.numpy()
     if not isinstance(image, np.ndarray):
         if isinstance(image, (list, tuple)):
             try:

@@ -25,18 +25,22 @@ cell (whole or cut at the neighbour's edge) has its centroid outside the neighbo
 and is dropped, so it is never duplicated. Where kept cells of two tiles claim the same
 pixel, the tile whose core holds the pixel wins, otherwise the earlier tile in raster order.
 
+We chose this over the released WSI code's IoU merging in the overlap because (1) it needs
+no threshold (but the IoU that pairs two views of one cell in the band below) and cannot
+chain unrelated cells into one label, (2) the decision is local to
+one tile (but for the band below, settled from small per-cell tables), so stitching is a
+single pass that can run chunk by chunk (dask, zarr) without a global graph of label
+pairs, and (3) a cell is never a union of two partial predictions.
+The price is a size limit: cells larger than the overlap can be cut; their number is
+reported (``TiledDetails.cut_cells``) with a warning to raise ``overlap``.
+
 Two views of one cell are not identical (each tile sees other context), so for a cell
 whose centroid lies within a few pixels of a core boundary the two tiles may disagree on
 the side: both would keep it (two halves, split at the boundary) or neither (a lost cell).
 Cells whose centroid lies within ``band_width`` (overlap / 4) of an inner core boundary
 are therefore matched across tiles by mask IoU (> 0.5) and each matched cell is kept
-once, from the tile that has it inside its core, the deepest if several do.
-We chose this over the released WSI code's IoU merging in the overlap because (1) it needs
-no threshold and cannot chain unrelated cells into one label, (2) the decision is local to
-one tile, so stitching is a single pass that can run chunk by chunk (dask, zarr) without a
-global graph of label pairs, and (3) a cell is never a union of two partial predictions.
-The price is a size limit: cells larger than the overlap can be cut; their number is
-reported (``TiledDetails.cut_cells``) with a warning to raise ``overlap``.
+once, from the tile that has it inside its core, the deepest if several do
+(``resolve_band``).
 
 Defaults: T = 1024 is the model's input side, so tiles go through at native resolution
 (no resizing); O = 128 keeps cells up to ~128 px across whole (typical cells in 10-40x
@@ -740,17 +744,6 @@ def tile_candidates(labels: np.ndarray, tile: Tile, height: int, width: int, kee
             wy, wx = windows[k - 1]
             crops[k] = (tile.y0 + wy.start, tile.x0 + wx.start, out[wy, wx] == k)
     return out, kept, edge[kept], inside[kept], depth[kept], crops
-
-
-def select_core_cells(labels: np.ndarray, tile: Tile, height: int, width: int,
-                      keep_all: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep the cells of a tile whose centroid lies in the tile's core (no band).
-
-    Returns:
-        kept (h, w) int32 with the kept cells renumbered 1..k in increasing label order,
-        their original labels (k,), and whether each touches an inner tile edge (k,) bool.
-    """
-    return tile_candidates(labels, tile, height, width, keep_all)[:3]
 
 
 def _mask_iou(a: tuple[int, int, np.ndarray], b: tuple[int, int, np.ndarray]) -> float:

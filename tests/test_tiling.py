@@ -9,7 +9,7 @@ from cellsam_trt import preprocess as pre
 from cellsam_trt.scale import synthetic_slide
 from cellsam_trt.tiling import (
     ImageSource, TileGrid, assign_boxes, label_dtype, normalize_large, open_image, paint_tile, percentile_of_top,
-    regions, scale_clahe, segment_large, select_core_cells, stitch_tiles,
+    regions, scale_clahe, segment_large, stitch_tiles, tile_candidates,
 )
 
 
@@ -228,7 +228,7 @@ def test_stitching_conflicting_views_is_region_independent():
     grid = TileGrid.plan(500, 450, 200, 64)
     truth = disc_labels(500, 450, border_centres(grid, 20, rng, extra=30), 20)
     views = tile_views(grid, truth, rng, disagree=True)
-    kept = [select_core_cells(v, t, 500, 450)[0] for v, t in zip(views, grid.tiles())]
+    kept = [tile_candidates(v, t, 500, 450)[0] for v, t in zip(views, grid.tiles())]
     offsets = np.cumsum([0] + [int(k.max()) for k in kept])
     whole = np.zeros((500, 450), np.uint32)
     for k, t, off in zip(kept, grid.tiles(), offsets):
@@ -257,7 +257,7 @@ def test_big_cells_are_flagged_as_possibly_cut():
     b = grid.bounds_y[1]
     truth = disc_labels(600, 300, [(b, 150), (100, 150)], 60)  # radius 60 > overlap / 2
     owner = grid.tile(int(grid.owner(np.array([b]), np.array([150]))[0]))
-    _, kept, cut = select_core_cells(truth[owner.y0:owner.y1, owner.x0:owner.x1], owner, 600, 300)
+    _, kept, cut = tile_candidates(truth[owner.y0:owner.y1, owner.x0:owner.x1], owner, 600, 300)[:3]
     assert 1 in kept and cut[list(kept).index(1)]
 
 

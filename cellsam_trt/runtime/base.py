@@ -17,6 +17,14 @@ class OutOfDeviceMemory(BackendError):
     """A graph call ran out of device memory; a smaller decoder batch may fit."""
 
 
+def in_batches(run, images: Tensor, max_batch: int | None) -> list[Tensor]:
+    """``run(images)`` -> list of outputs, called on slices of at most ``max_batch`` images
+    (None: all at once) and concatenated along the batch axis."""
+    step = max_batch or max(1, len(images))
+    parts = [run(images[i:i + step]) for i in range(0, len(images), step)]
+    return list(parts[0]) if len(parts) == 1 else [torch.cat(outs, dim=0) for outs in zip(*parts)]
+
+
 class Backend(abc.ABC):
     """Runs the three CellSAM graphs on tensors.
 

@@ -20,7 +20,7 @@ from .artifacts import (
     load_manifest,
     resolve_shape,
 )
-from .base import Backend, BackendError, OutOfDeviceMemory
+from .base import Backend, BackendError, OutOfDeviceMemory, in_batches
 from .torch_backend import resolve_device
 
 log = logging.getLogger(__name__)
@@ -234,17 +234,11 @@ class OnnxRuntimeBackend(Backend):
             raise _run_error(graph, err, inputs) from None
         return outputs
 
-    def _images(self, graph: str, images: Tensor) -> list[Tensor]:
-        """Run an image graph, in batches of at most ``max_batch`` images."""
-        step = self.max_batch or max(1, len(images))
-        parts = [self._run(graph, {"image": images[i:i + step]}) for i in range(0, len(images), step)]
-        return [torch.cat(outs) if len(parts) > 1 else outs[0] for outs in zip(*parts)]
-
     def encoder(self, images: Tensor) -> Tensor:
-        return self._images("encoder", images)[0]
+        return in_batches(lambda part: self._run("encoder", {"image": part}), images, self.max_batch)[0]
 
     def cellfinder(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        logits, boxes = self._images("cellfinder", images)
+        logits, boxes = in_batches(lambda part: self._run("cellfinder", {"image": part}), images, self.max_batch)
         return logits, boxes
 
     def decoder(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:

@@ -33,7 +33,7 @@ from .artifacts import (
     file_sha256,
     read_json,
 )
-from .base import Backend, BackendError, OutOfDeviceMemory
+from .base import Backend, BackendError, OutOfDeviceMemory, in_batches
 from .torch_backend import resolve_device
 
 log = logging.getLogger(__name__)
@@ -310,10 +310,8 @@ class TensorRTBackend(Backend):
         check_input(graph, "image", images, self.config)
         runner = self.runners[graph]
         # Batches above the profile's max run in profile-sized slices.
-        parts = [runner({"image": images[i:i + self.max_batch]}, self.stream) for i in range(0, len(images), self.max_batch)]
-        if len(parts) == 1:
-            return [o.float() for o in parts[0]]
-        return [torch.cat(outs, dim=0).float() for outs in zip(*parts)]
+        outputs = in_batches(lambda part: runner({"image": part}, self.stream), images, self.max_batch)
+        return [o.float() for o in outputs]
 
     def encoder(self, images: Tensor) -> Tensor:
         return self._images("encoder", images)[0]
