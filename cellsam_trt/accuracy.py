@@ -86,10 +86,11 @@ def box_agreement(reference: np.ndarray, test: np.ndarray, match_iou: float = 0.
                 "recall": 1.0 if same else 0.0, "precision": 1.0 if same else 0.0,
                 "best_iou_mean": 1.0 if same else 0.0}
     iou = box_iou(reference, test)
+    found = iou.max(1) >= match_iou
     return {
         "reference_boxes": len(reference), "test_boxes": len(test),
-        "matched": int((iou.max(1) >= match_iou).sum()),
-        "recall": float((iou.max(1) >= match_iou).mean()),
+        "matched": int(found.sum()),
+        "recall": float(found.mean()),
         "precision": float((iou.max(0) >= match_iou).mean()),
         "best_iou_mean": float(iou.max(1).mean()),
     }

@@ -914,7 +914,7 @@ def fp16_accuracy(network, image: np.ndarray, inference: InferenceConfig, device
                 "user_500": precision_agreement(fp32, fp16, image, bench_boxes(500, height, width, seed=seed + 1))}
 
 
-def large_image_throughput(opts: BenchOptions, device: torch.device) -> dict[str, Any] | None:
+def large_image_throughput(opts: BenchOptions, device: torch.device) -> dict[str, Any]:
     """``scale.throughput_report`` on a ``opts.throughput``-sided synthetic slide.
 
     With a checkpoint, CellFinder finds the cells; with random weights the slide's own cell
