@@ -894,13 +894,19 @@ def stitch_tiles(grid: TileGrid, tile_labels: Sequence[np.ndarray], *, keep_all:
         results.append(TileResult(t.index, kept, len(originals), np.full((len(originals), 4), np.nan, np.float32),
                                   nan, nan, cut, 0, inside, depth, band))
     resolve_band(results)
+    labels, _ = _compact(*paint_results(grid, results))
+    return labels
+
+
+def paint_results(grid: TileGrid, results: Sequence[TileResult]) -> tuple[np.ndarray, int]:
+    """Paint resolved tile results (raster order, as the chunked dask stitching paints) into
+    a whole (H, W) uint32 image; returns it and the number of ids handed out."""
     out = np.zeros((grid.height, grid.width), dtype=np.uint32)
     offset = 0
     for r in results:
         paint_tile(out, (0, 0), r.labels, grid.tile(r.index), offset, r.lut)
         offset += r.count
-    labels, _ = _compact(out, offset)
-    return labels
+    return out, offset
 
 
 def _compact(labels: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -1127,11 +1133,8 @@ def segment_large(
 
     t0 = time.perf_counter()
     resolve_band(tables)
-    out = np.zeros(source.shape, dtype=np.uint32)
-    offset = 0
-    for result in tables:  # raster order, as the chunked (dask) stitching paints
-        paint_tile(out, (0, 0), result.labels, grid.tile(result.index), offset, result.lut)
-        offset += result.count
+    out, offset = paint_results(grid, tables)
+    for result in tables:
         result.labels = None
     if remove_boundaries:
         from .postprocess import remove_boundaries as outline
