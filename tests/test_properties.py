@@ -88,24 +88,32 @@ def test_validate_boxes_accepts_exactly_valid_boxes(boxes, height, width):
 @given(st.integers(1, 700), st.integers(1, 700), st.integers(1, 4), st.integers(0, 2**31 - 1))
 def test_painting_equals_full_resolution_on_any_shape(height, width, n, seed):
     """Equal to the released float32 resize-twice path, except where that path's logit lies
-    within float32 rounding of the threshold (the painter computes the same sum in float64
-    on the CPU, so there the two may round to different sides)."""
+    within float32 rounding of the threshold; there the painter, which computes the same
+    sum in float64 on the CPU, agrees with the resize-twice path run in float64. (One
+    rounding can flip several pixels: at the image border they read the same clamped source.)"""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, 16, 16, generator=g) * 3 - 2
     logits = torch.nn.functional.interpolate(base[:, None], (256, 256), mode="bilinear")[:, 0]
     painter = post.MaskPainter((height, width))
     painter.paint(logits, 1)
-    expected = np.zeros((height, width), np.int64)
+    ours = painter.result().numpy()
+    released = np.zeros((height, width), np.int64)
+    exact = np.zeros((height, width), np.int64)
     ambiguous = np.zeros((height, width), bool)
     cut = np.log(0.4 / 0.6)
-    for k, mask in enumerate(logits, 1):
+
+    def resize_twice(mask):
         up = torch.nn.functional.interpolate(mask[None, None], (1024, 1024), mode="bilinear", align_corners=False)
-        up = torch.nn.functional.interpolate(up, (height, width), mode="bilinear", align_corners=False)[0, 0]
-        expected = np.maximum(expected, (torch.sigmoid(up) > 0.4).numpy() * k)
+        return torch.nn.functional.interpolate(up, (height, width), mode="bilinear", align_corners=False)[0, 0]
+
+    for k, mask in enumerate(logits, 1):
+        up = resize_twice(mask)
+        released = np.maximum(released, (torch.sigmoid(up) > 0.4).numpy() * k)
         ambiguous |= np.abs(up.numpy() - cut) < 1e-5
-    differ = painter.result().numpy() != expected
+        exact = np.maximum(exact, (resize_twice(mask.double()).numpy() > cut) * k)
+    differ = ours != released
     assert not (differ & ~ambiguous).any(), np.argwhere(differ & ~ambiguous)[:5]
-    assert differ.sum() <= max(2, differ.size // 10000)
+    np.testing.assert_array_equal(ours[differ], exact[differ])
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
