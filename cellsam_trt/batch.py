@@ -239,7 +239,7 @@ def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Nam
 
     image = select_channels(raw, args.channel_axis, args.nuclear_channel, args.whole_cell_channel)
     axis = None if isinstance(image, ChannelView) else args.channel_axis
-    options = dict(bbox_threshold=args.bbox_threshold, postprocess=args.postprocess,
+    options = dict(bbox_threshold=args.bbox_threshold, normalize=args.clahe, postprocess=args.postprocess,
                    remove_boundaries=args.remove_boundaries)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoCellsWarning)  # an empty image is a result, reported in the summary
@@ -355,6 +355,9 @@ def register(subparsers) -> None:
     p.add_argument("--overlap", type=int, default=128, help="minimum tile overlap in px (default 128)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per encoder / CellFinder call (default 4)")
     p.add_argument("--no-tiling", action="store_true", help="squash every image to the model input, however large")
+    p.add_argument("--clahe", default="skimage", choices=("skimage", "opencv"),
+                   help="CLAHE implementation of the normalisation: skimage (as released, default) or opencv "
+                        "(several times faster, not bit-identical; `cellsam-trt bench` reports the deviation)")
     p.add_argument("--postprocess", action="store_true", help="the released morphological clean-up")
     p.add_argument("--remove-boundaries", action="store_true", help="zero a one-pixel outline around each cell")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")

@@ -164,7 +164,7 @@ class CellSAM:
         *,
         boxes: Any = None,
         bbox_threshold: float | None = None,
-        normalize: bool = True,
+        normalize: bool | str = True,
         postprocess: bool = False,
         remove_boundaries: bool = False,
         chunk_size: int | None = None,
@@ -179,8 +179,10 @@ class CellSAM:
                 slots of (blank, nuclear, whole-cell); a 2-D image is the whole-cell channel.
             boxes: optional (N, 4) x1, y1, x2, y2 in image pixels; skips CellFinder.
             bbox_threshold: CellFinder confidence weight (default 0.4).
-            normalize: percentile clip + CLAHE first (as the released default). With False,
-                the image must already lie in [0, 1].
+            normalize: percentile clip + CLAHE first: True (scikit-image CLAHE, as the
+                released default) or "opencv" (OpenCV's CLAHE: several times faster, not
+                bit-identical; ``cellsam-trt bench`` reports the deviation). With False, the
+                image must already lie in [0, 1].
             postprocess: the released optional morphological clean-up.
             remove_boundaries: zero a one-pixel outline around each cell.
             chunk_size: boxes per decoder call (default: the backend's, 256; 4 for torch on the CPU).
@@ -219,7 +221,7 @@ class CellSAM:
         *,
         boxes: Sequence[Any] | None = None,
         bbox_threshold: float | None = None,
-        normalize: bool = True,
+        normalize: bool | str = True,
         postprocess: bool = False,
         remove_boundaries: bool = False,
         chunk_size: int | None = None,
@@ -294,15 +296,16 @@ class CellSAM:
             results.append((labels, details) if return_details else labels)
         return results
 
-    def _prepare(self, image: Any, boxes: Any, normalize: bool, channel_axis: int | None) -> "_Prepared":
+    def _prepare(self, image: Any, boxes: Any, normalize: bool | str, channel_axis: int | None) -> "_Prepared":
         """Validate and format one image; build both model inputs (the CellFinder one only without user boxes)."""
         backend = self.backend
         size = backend.config.image_size
+        method = pre.clahe_method(normalize)
         image3 = pre.format_image(image, channel_axis=channel_axis)
         height, width = image3.shape[:2]
         user_boxes = None if boxes is None else validate_boxes(boxes, height, width)
-        if normalize:
-            image3 = pre.normalize_image(image3)
+        if method is not None:
+            image3 = pre.normalize_image(image3, method)
         elif image3.min() < 0 or image3.max() > 1:
             raise ValueError(
                 f"image: with normalize=False values must lie in [0, 1], found [{image3.min():g}, {image3.max():g}]"

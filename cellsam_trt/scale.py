@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from . import preprocess as pre
 from .tiling import (
     ChannelNorm, ImageSource, TileGrid, TiledDetails, TileResult, _combine_tables, assign_boxes, channel_statistics,
     check_tiling, clahe_region, compaction_table, finish_normalization, finish_statistics, label_dtype,
@@ -198,9 +199,9 @@ def _task_statistics(source: ImageSource, region: tuple[int, int, int, int], kee
     return channel_statistics(source.read(*region), keep)
 
 
-def _task_clahe(source: ImageSource, region: tuple[int, int, int, int], norm, path: str):
+def _task_clahe(source: ImageSource, region: tuple[int, int, int, int], norm, path: str, method: str):
     y0, y1, x0, x1 = region
-    part = clahe_region(source, norm, y0, y1, x0, x1)
+    part = clahe_region(source, norm, y0, y1, x0, x1, method)
     _open(path, "r+")[y0:y1, x0:x1] = part
     return region_extremes(part)
 
@@ -340,7 +341,7 @@ def segment_dask(
     block: int = 2048,
     boxes: Any = None,
     bbox_threshold: float | None = None,
-    normalize: bool = True,
+    normalize: bool | str = True,
     postprocess: bool = False,
     remove_boundaries: bool = False,
     chunk_size: int | None = None,
@@ -384,6 +385,7 @@ def segment_dask(
     import zarr
 
     check_tiling(tile_size, overlap)
+    method = pre.clahe_method(normalize)
     for name, value, low in (("batch_size", batch_size, 1), ("block", block, 256)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
@@ -402,7 +404,7 @@ def segment_dask(
                                  backend_options=backend_options, options=options, torch_threads=torch_threads)
         run_key = _run_key(image, channel_axis, plugin, boxes, dict(
             tile_size=tile_size, overlap=overlap, batch_size=batch_size, block=block, bbox_threshold=bbox_threshold,
-            normalize=bool(normalize), postprocess=bool(postprocess), chunk_size=chunk_size))
+            normalize=method, postprocess=bool(postprocess), chunk_size=chunk_size))
         root = _open_run(output, run_key, resume)
         if root.attrs.get("complete"):
             log.info("resume: %s is already complete", output)
@@ -426,7 +428,7 @@ def segment_dask(
         source_arg = client.scatter(source, broadcast=True, hash=False) if _in_memory(source) else source
 
         norm, clahe_path = None, None
-        if normalize:
+        if method is not None:
             t0 = time.perf_counter()
             clahe_path = f"{scratch}/clahe"
             if "norm" in root.attrs:  # an interrupted run finished this phase
@@ -441,7 +443,7 @@ def segment_dask(
                 zarr.create_array(clahe_path, shape=(height, width, 3), chunks=(block, block, 3), dtype="uint16",
                                   fill_value=0, overwrite=True)
                 futures = client.map(_task_clahe, [source_arg] * len(blocks), blocks, norm=norm, path=clahe_path,
-                                     pure=False)
+                                     method=method, pure=False)
                 extremes = _gather(client, futures, "normalisation", progress)
                 norm = finish_normalization(norm, [e[0] for e in extremes], [e[1] for e in extremes])
                 root.attrs["norm"] = [asdict(n) for n in norm]
@@ -504,7 +506,8 @@ def segment_dask(
         _write_cells(root, details)
         root.attrs.update({
             "num_cells": details.num_cells, "cut_cells": details.cut_cells, "num_candidates": details.num_candidates,
-            "tile_size": tile_size, "overlap": overlap, "tiles": len(grid), "normalize": bool(normalize),
+            "tile_size": tile_size, "overlap": overlap, "tiles": len(grid), "normalize": method is not None,
+            "clahe": method,
             "shape": [height, width], "timings": timings, "complete": True,
         })
         if not keep_scratch and SCRATCH in root:

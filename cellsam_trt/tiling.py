@@ -78,9 +78,7 @@ log = logging.getLogger(__name__)
 
 # the released normalisation (preprocess.percentile_clip / preprocess.clahe)
 PERCENTILE = 99.9
-CLAHE_KERNEL = 128
-CLAHE_CLIP_LIMIT = 0.01
-CLAHE_NBINS = 256
+CLAHE_KERNEL = pre.CLAHE_KERNEL
 # context kept around a chunk for CLAHE: a pixel reads the two kernel rows/cols around it
 CLAHE_MARGIN_KERNELS = 2
 # labels are int32 like segment()'s up to this many cells, uint32 above
@@ -550,14 +548,17 @@ def _clahe_crop(length: int, start: int, stop: int) -> tuple[int, int]:
     return a, b
 
 
-def clahe_region(source: ImageSource, norm: Sequence[ChannelNorm], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+def clahe_region(source: ImageSource, norm: Sequence[ChannelNorm], y0: int, y1: int, x0: int, x1: int,
+                 method: str = "skimage") -> np.ndarray:
     """CLAHE's integer output (before the final min-max) for a region, as on the whole image.
+
+    Args:
+        method: the CLAHE implementation (``preprocess.equalize_levels``).
 
     Returns:
         (h, w, 3) uint16; constant channels are 0.
     """
     from skimage.exposure import rescale_intensity
-    from skimage.exposure._adapthist import NR_OF_GRAY, _clahe
     from skimage.util import img_as_uint
 
     ay0, ay1 = _clahe_crop(source.height, y0, y1)
@@ -565,18 +566,15 @@ def clahe_region(source: ImageSource, norm: Sequence[ChannelNorm], y0: int, y1: 
     raw = source.read(ay0, ay1, ax0, ax1)
     out = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint16)
     # the extremes of the rescaled channel are exactly 0 and 1, and img_as_uint is monotone
-    u_lo, u_hi = (int(v) for v in img_as_uint(np.array([0.0, 1.0])))
+    full_range = tuple(int(v) for v in img_as_uint(np.array([0.0, 1.0])))
     for chan, n in enumerate(norm):
         if n.constant:
             continue
         plane = raw[..., chan]
         plane[plane > n.top] = n.top
-        # the same calls as preprocess.clahe -> equalize_adapthist, with the whole image's ranges
+        # the same steps as preprocess.clahe, with the whole image's ranges
         plane = rescale_intensity(plane, in_range=(n.lo, n.hi), out_range=(0.0, 1.0))
-        plane = img_as_uint(plane)
-        plane = np.round(rescale_intensity(plane, in_range=(u_lo, u_hi), out_range=(0, NR_OF_GRAY - 1)))
-        plane = plane.astype(np.min_scalar_type(NR_OF_GRAY))
-        result = _clahe(plane, [CLAHE_KERNEL, CLAHE_KERNEL], CLAHE_CLIP_LIMIT, CLAHE_NBINS)
+        result = pre.equalize_levels(pre.quantize_for_clahe(plane, in_range=full_range), method)
         out[..., chan] = result[y0 - ay0:y1 - ay0, x0 - ax0:x1 - ax0]
     return out
 
@@ -614,19 +612,20 @@ def fit_normalization(source: ImageSource, block: int = 2048) -> list[ChannelNor
     return finish_statistics(stats)
 
 
-def normalize_large(source: ImageSource, block: int = 2048) -> tuple[np.ndarray, list[ChannelNorm]]:
-    """Whole-image normalisation in chunks, in memory.
+def normalize_large(source: ImageSource, block: int = 2048, method: str = "skimage"
+                    ) -> tuple[np.ndarray, list[ChannelNorm]]:
+    """Whole-image normalisation in chunks, in memory, with the CLAHE ``method`` (``preprocess.equalize_levels``).
 
     Returns:
         CLAHE output (H, W, 3) uint16 (2 bytes per value instead of 8) and the per-channel
         numbers; ``scale_clahe`` of any region of it equals that region of
-        ``preprocess.normalize_image(format_image(image))`` cast to float32.
+        ``preprocess.normalize_image(format_image(image), method)`` cast to float32.
     """
     norm = fit_normalization(source, block)
     clahe = np.zeros((source.height, source.width, 3), dtype=np.uint16)
     lows, highs = [], []
     for y0, y1, x0, x1 in regions(source.height, source.width, block):
-        part = clahe_region(source, norm, y0, y1, x0, x1)
+        part = clahe_region(source, norm, y0, y1, x0, x1, method)
         clahe[y0:y1, x0:x1] = part
         lo, hi = region_extremes(part)
         lows.append(lo)
@@ -1056,7 +1055,7 @@ def segment_large(
     batch_size: int = 4,
     boxes: Any = None,
     bbox_threshold: float | None = None,
-    normalize: bool = True,
+    normalize: bool | str = True,
     postprocess: bool = False,
     remove_boundaries: bool = False,
     chunk_size: int | None = None,
@@ -1078,7 +1077,7 @@ def segment_large(
         batch_size: tiles per encoder / CellFinder call.
         boxes: optional (N, 4) x1, y1, x2, y2 in image pixels (skips CellFinder; each box is
             decoded in the tile whose core holds its centre; tiles without boxes are skipped).
-        normalize: whole-image percentile + CLAHE (as ``segment``); False: image in [0, 1].
+        normalize: whole-image percentile + CLAHE (True or "opencv", as ``segment``); False: image in [0, 1].
         bbox_threshold, postprocess, chunk_size: as ``CellSAM.segment``, applied per tile.
         remove_boundaries: zero a one-pixel outline around each cell (after stitching).
         channel_axis: channel axis of a 3-D image (default: the smallest axis).
@@ -1094,6 +1093,7 @@ def segment_large(
 
     source = ImageSource(image, channel_axis)
     check_tiling(tile_size, overlap)
+    method = pre.clahe_method(normalize)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 2 * CLAHE_KERNEL:
@@ -1114,7 +1114,7 @@ def segment_large(
     grid = TileGrid.plan(source.height, source.width, tile_size, overlap)
     user_boxes = None if boxes is None else validate_boxes(boxes, source.height, source.width)
     t0 = time.perf_counter()
-    clahe, norm = normalize_large(source, block) if normalize else (None, None)
+    clahe, norm = normalize_large(source, block, method) if method is not None else (None, None)
     timings["normalize"] = time.perf_counter() - t0
     read_tile = _tile_reader(source, clahe, norm)
     tile_boxes = None if user_boxes is None else assign_boxes(grid, user_boxes)

@@ -138,6 +138,33 @@ def test_large_images_are_tiled(checkpoint, session, slide, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_opencv_clahe_option_reaches_tiled_and_whole_paths(checkpoint, session, slide, tmp_path, capsys, monkeypatch):
+    from cellsam_trt import preprocess as pre
+
+    methods = []
+    equalize = pre.equalize_levels
+
+    def spy(levels, method="skimage"):
+        methods.append(method)
+        return equalize(levels, method)
+
+    monkeypatch.setattr(pre, "equalize_levels", spy)
+    np.save(tmp_path / "slide.npy", slide)
+    rc = run_cli(tmp_path / "slide.npy", "-o", tmp_path / "tiled", "--checkpoint", checkpoint, "--tile-size", "384",
+                 "--overlap", "64", "--clahe", "opencv")
+    assert rc == 0 and set(methods) == {"opencv"}
+    expected = segment_large(session, slide, tile_size=384, overlap=64, normalize="opencv")
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "tiled" / "slide_labels.tif"), expected)
+
+    methods.clear()
+    rc = run_cli(tmp_path / "slide.npy", "-o", tmp_path / "whole", "--checkpoint", checkpoint, "--no-tiling",
+                 "--clahe", "opencv")
+    assert rc == 0 and set(methods) == {"opencv"}
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "whole" / "slide_labels.tif"),
+                                  quiet_segment(session, slide, normalize="opencv"))
+    capsys.readouterr()
+
+
 def test_bad_options_are_one_line_errors(checkpoint, tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((64, 64), np.uint8))
     assert run_cli(tmp_path / "x.npy", "-o", tmp_path / "o", "--checkpoint", checkpoint, "--overlap", "999") == 1

@@ -73,6 +73,10 @@ def test_smoke_report_has_every_stage_backend_and_n(smoke_report):
 
     steps = saved["preprocess"]["steps"]
     assert steps["clahe"]["median"] > 0 and saved["preprocess"]["clahe_channels"] == 2
+    assert saved["preprocess"]["clahe_opencv"]["median"] > 0
+    deviation = saved["preprocess"]["opencv_deviation"]
+    assert set(deviation) == {"normalized", "embedding_input", "cellfinder_input"}
+    assert 0 < deviation["normalized"]["mean"] <= deviation["normalized"]["p999"] <= deviation["normalized"]["max"] < 0.1
     assert [row["n"] for row in saved["painter"]["rows"]] == list(bench.SMOKE_NS)
     assert all(row["identical"] for row in saved["painter"]["rows"])
     assert saved["machine"]["libraries"]["torch"] == torch.__version__.split("+")[0] or saved["machine"]["libraries"]["torch"]
@@ -90,6 +94,7 @@ def test_markdown_and_png_are_written_and_regenerated(smoke_report, capsys):
     report, paths = smoke_report
     md = paths["markdown"].read_text()
     assert "| torch-fp32 | user | 10 |" in md and "clahe" in md and "Not measured" in md
+    assert "--clahe opencv" in md and "| embedding_input |" in md
     png = paths["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     paths["markdown"].unlink()

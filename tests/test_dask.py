@@ -54,14 +54,14 @@ def test_two_workers_give_the_single_process_labels(client, checkpoint, session,
     assert len(tile_workers) == 2
 
 
-def test_user_boxes_small_chunks_remove_boundaries_from_a_tiff_path(client, checkpoint, session, tmp_path):
+def test_user_boxes_small_chunks_remove_boundaries_opencv_clahe_from_a_tiff_path(client, checkpoint, session, tmp_path):
     import tifffile
 
     image, cells = synthetic_slide(1100, 700, seed=3)
     grid = TileGrid.plan(1100, 700, 512, 64)
     owners = grid.owner((cells[:, 1] + cells[:, 3]) / 2, (cells[:, 0] + cells[:, 2]) / 2)
     boxes = np.concatenate([cells[owners == k][:3] for k in (0, 4)])
-    options = dict(tile_size=512, overlap=64, boxes=boxes, remove_boundaries=True)
+    options = dict(tile_size=512, overlap=64, boxes=boxes, remove_boundaries=True, normalize="opencv")
     expected = segment_large(session, image, **options)
     assert expected.max() >= 2
     path = tmp_path / "slide.tif"
@@ -71,6 +71,7 @@ def test_user_boxes_small_chunks_remove_boundaries_from_a_tiff_path(client, chec
                           **options)
     assert labels.chunks == (256, 256)
     np.testing.assert_array_equal(labels[...], expected)
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["clahe"] == "opencv"
 
 
 def test_each_worker_loads_the_model_once(client, checkpoint):
@@ -144,6 +145,8 @@ def test_a_failed_run_resumes_to_the_uninterrupted_labels(client, checkpoint, se
         segment_dask(image, client, output=out, checkpoint=checkpoint, **options)
     with pytest.raises(ValueError, match="another image, other weights or other settings"):
         segment_dask(image, client, output=out, checkpoint=checkpoint, resume=True, **dict(options, overlap=32))
+    with pytest.raises(ValueError, match="other settings"):
+        segment_dask(image, client, output=out, checkpoint=checkpoint, resume=True, **dict(options, normalize="opencv"))
     saved = {i for i in finished if (out / "_scratch" / "tables" / f"tile-{i:06d}.npz").exists()}
     assert saved  # what finished before the failure is on disk
     ran.clear()

@@ -117,6 +117,8 @@ def test_bad_boxes_raise(session, cell_image, boxes, message):
         ({"bbox_threshold": "high"}, "bbox_threshold"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"chunk_size": 2.5}, "chunk_size"),
+        ({"normalize": "cv2"}, "normalize"),
+        ({"normalize": None}, "normalize"),
     ],
 )
 def test_bad_options_raise(session, cell_image, kwargs, message):

@@ -93,12 +93,13 @@ def test_percentile_of_top_equals_numpy():
         assert percentile_of_top(top, n) == np.percentile(values, 99.9)
 
 
+@pytest.mark.parametrize("method", pre.CLAHE_METHODS)
 @pytest.mark.parametrize("shape, block, dtype", [
     ((700, 900, 2), 256, np.uint16),   # blocks smaller than the image, aligned to the kernels
     ((513, 1030, 3), 300, np.uint16),  # blocks not a multiple of the CLAHE kernel, constant channel
     ((301, 257), 256, np.float32),     # 2-D float with negative values, remainder rows
 ])
-def test_chunked_normalisation_is_the_whole_image_one(shape, block, dtype):
+def test_chunked_normalisation_is_the_whole_image_one(shape, block, dtype, method):
     rng = np.random.default_rng(0)
     image = (rng.random(shape) ** 3 * 5000).astype(dtype)
     image[:40] = 0
@@ -106,8 +107,8 @@ def test_chunked_normalisation_is_the_whole_image_one(shape, block, dtype):
         image[..., 0] = 7
     if dtype == np.float32:
         image -= 300
-    expected = pre.normalize_image(pre.format_image(image)).astype(np.float32)
-    clahe, norm = normalize_large(ImageSource(image), block=block)
+    expected = pre.normalize_image(pre.format_image(image), method).astype(np.float32)
+    clahe, norm = normalize_large(ImageSource(image), block=block, method=method)
     np.testing.assert_array_equal(scale_clahe(clahe, norm), expected)
     region = scale_clahe(clahe[100:250, 37:200], norm)
     np.testing.assert_array_equal(region, expected[100:250, 37:200])
