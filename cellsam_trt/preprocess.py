@@ -133,10 +133,8 @@ def clahe_method(normalize: Any) -> str | None:
     Raises:
         ValueError: for anything else.
     """
-    if normalize is True:
-        return "skimage"
-    if normalize is False:
-        return None
+    if isinstance(normalize, (bool, np.bool_)):
+        return "skimage" if normalize else None
     if isinstance(normalize, str) and normalize in CLAHE_METHODS:
         return normalize
     raise ValueError(f"normalize: expected True, False or one of {CLAHE_METHODS}, got {normalize!r}")

@@ -183,8 +183,8 @@ def test_opencv_clahe_deviation_from_skimage_is_bounded():
     assert diff.mean() > 0  # not the same implementation: the deviation is real and reported
 
 
-@pytest.mark.parametrize("normalize, method", [(True, "skimage"), (False, None), ("skimage", "skimage"),
-                                              ("opencv", "opencv")])
+@pytest.mark.parametrize("normalize, method", [(True, "skimage"), (False, None), (np.True_, "skimage"),
+                                              (np.False_, None), ("skimage", "skimage"), ("opencv", "opencv")])
 def test_clahe_method_of_normalize(normalize, method):
     assert pre.clahe_method(normalize) == method
 
