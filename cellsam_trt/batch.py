@@ -357,7 +357,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-tiling", action="store_true", help="squash every image to the model input, however large")
     p.add_argument("--clahe", default="skimage", choices=("skimage", "opencv"),
                    help="CLAHE implementation of the normalisation: skimage (as released, default) or opencv "
-                        "(several times faster, not bit-identical; `cellsam-trt bench` reports the deviation)")
+                        "(2-3x faster on that step, not bit-identical; `cellsam-trt bench` reports the deviation)")
     p.add_argument("--postprocess", action="store_true", help="the released morphological clean-up")
     p.add_argument("--remove-boundaries", action="store_true", help="zero a one-pixel outline around each cell")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")

@@ -180,7 +180,7 @@ class CellSAM:
             boxes: optional (N, 4) x1, y1, x2, y2 in image pixels; skips CellFinder.
             bbox_threshold: CellFinder confidence weight (default 0.4).
             normalize: percentile clip + CLAHE first: True (scikit-image CLAHE, as the
-                released default) or "opencv" (OpenCV's CLAHE: several times faster, not
+                released default) or "opencv" (OpenCV's CLAHE: 2-3x faster on that step, not
                 bit-identical; ``cellsam-trt bench`` reports the deviation). With False, the
                 image must already lie in [0, 1].
             postprocess: the released optional morphological clean-up.

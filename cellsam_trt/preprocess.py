@@ -13,7 +13,7 @@ Data flow (H, W are the user's image size, S = 1024 the model input side):
 
 Both inputs squash the image to SxS (aspect ratio not kept).  Every step uses the same
 library call (numpy, scikit-image, torchvision) as the released code so that results are
-bit-identical on the CPU; the one exception is the opt-in ``clahe="opencv"``.
+bit-identical on the CPU; the one exception is the opt-in ``normalize="opencv"``.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def _map_channels(fn, image: np.ndarray) -> list:
     """[fn(image[..., c]) for every channel c], the channels in threads.
 
     The channels are independent and numpy / scikit-image release the GIL in their array
-    work, so this is the sequential result, sooner (1.7x for 2 channels on 2 cores).
+    work, so this is the sequential result, sooner (CLAHE 1.8x for 2 channels on 2 cores).
     """
     planes = [image[..., chan] for chan in range(image.shape[-1])]
     if len(planes) < 2:
