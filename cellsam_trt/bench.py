@@ -469,8 +469,8 @@ def measure_baseline(network: nn.Module, image: np.ndarray, boxes: np.ndarray | 
 def preprocess_breakdown(image: np.ndarray, size: int = 1024, adapted: bool = True, repeats: int = 3) -> dict[str, Any]:
     """Time each preprocessing step on ``image`` (CPU), CLAHE per non-constant channel.
 
-    The OpenCV CLAHE option (``normalize="opencv"``) is timed beside scikit-image's on the
-    same clipped image (not part of ``total``), and its deviation is measured on the
+    The OpenCV CLAHE option (``normalize="opencv"``) is timed in a loop of its own on the
+    same clipped input (not part of ``total``), and its deviation is measured on the
     normalised image and on both model inputs.
 
     Returns:
@@ -535,10 +535,6 @@ def opencv_deviation(formatted: np.ndarray, size: int = 1024, adapted: bool = Tr
         diff = np.abs(ours.astype(np.float64) - theirs)
         out[name] = {"max": float(diff.max()), "mean": float(diff.mean()), "p999": float(np.quantile(diff, 0.999))}
     return out
-
-
-    return {"steps": {k: summarize(v) for k, v in samples.items()}, "clahe_channels": channels,
-            "image_shape": list(image.shape)}
 
 
 def per_box_paint(logits: Tensor, out_shape: tuple[int, int], model_size: int = 1024, mask_threshold: float = 0.4) -> np.ndarray:
