@@ -16,6 +16,7 @@ from . import postprocess as post
 from . import preprocess as pre
 from .config import InferenceConfig
 from .modeling import CellSAMNetwork
+from .runtime.torch_backend import inference_copy
 
 
 @torch.inference_mode()
@@ -74,7 +75,7 @@ def reference_segment(
 ) -> np.ndarray:
     """Whole released algorithm on one image (normalize=True): -> (H, W) int64 labels."""
     opts = options or InferenceConfig()
-    network = network.eval().to(device)
+    network = inference_copy(network, device)  # the caller's network stays where it is
     size = network.config.image_size
     image3 = pre.normalize_image(pre.format_image(image))
     height, width = image3.shape[:2]

@@ -214,6 +214,19 @@ def test_refuses_a_provider_that_onnxruntime_drops_at_load(exported, monkeypatch
             OnnxRuntimeBackend(exported[1], providers="cuda", device="cpu")
 
 
+def test_cuda_device_id_follows_torchs_current_device(exported, monkeypatch):
+    """device="cuda" means torch's current device; ONNX Runtime's provider options and IO
+    binding must name that GPU too, not GPU 0."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    backend = OnnxRuntimeBackend(exported[1], device="cuda")  # CPU provider: loads without a GPU
+    assert backend.device == torch.device("cuda", 1)
+    backend.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    cuda_options = dict(backend._provider_list("decoder", exported[1] / "cache", 8)[0][1])
+    assert cuda_options["device_id"] == 1
+
+
 def test_image_batches_above_max_batch_are_split(exported):
     backend = OnnxRuntimeBackend(exported[1])
     images = torch.randn(3, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))

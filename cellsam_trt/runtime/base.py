@@ -17,6 +17,33 @@ class OutOfDeviceMemory(BackendError):
     """A graph call ran out of device memory; a smaller decoder batch may fit."""
 
 
+# How allocation failures read when they do not arrive as torch.cuda.OutOfMemoryError /
+# MemoryError: cuBLAS and cuDNN report theirs as RuntimeError ("CUBLAS_STATUS_ALLOC_FAILED",
+# "CUDNN_STATUS_ALLOC_FAILED"), the CUDA runtime as "CUDA error: out of memory" /
+# "cudaErrorMemoryAllocation", ONNX Runtime's arena as "Failed to allocate memory" or a
+# C++ bad_alloc. Compared in lower case.
+OUT_OF_MEMORY_MARKERS = (
+    "out of memory", "out_of_memory", "alloc_failed", "failed to allocate", "memoryallocation",
+    "bad_alloc", "bad allocation",
+)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True when ``err`` is a failed allocation (a smaller call may succeed), whatever the
+    library that raised it."""
+    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    message = str(err).lower()
+    return any(marker in message for marker in OUT_OF_MEMORY_MARKERS)
+
+
+def release_cached_memory() -> None:
+    """Give torch's cached, unused CUDA blocks back before a smaller retry (other libraries
+    allocate outside torch's cache)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def in_batches(run, images: Tensor, max_batch: int | None) -> list[Tensor]:
     """``run(images)`` -> list of outputs, called on slices of at most ``max_batch`` images
     (None: all at once) and concatenated along the batch axis."""

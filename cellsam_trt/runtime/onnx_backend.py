@@ -20,7 +20,7 @@ from .artifacts import (
     load_manifest,
     resolve_shape,
 )
-from .base import Backend, BackendError, OutOfDeviceMemory, in_batches
+from .base import Backend, BackendError, OutOfDeviceMemory, in_batches, is_out_of_memory, release_cached_memory
 from .torch_backend import resolve_device
 
 log = logging.getLogger(__name__)
@@ -256,11 +256,7 @@ def _run_error(graph: str, err: BaseException, inputs: dict[str, Tensor]) -> Bac
     """One error type per failure: OutOfDeviceMemory (the pipeline retries smaller), else BackendError."""
     message = str(err).strip()
     sizes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
-    lowered = message.lower()
-    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)) or any(
-        s in lowered for s in ("out of memory", "failed to allocate", "bad_alloc", "bad allocation")
-    ):
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    if is_out_of_memory(err):
+        release_cached_memory()
         return OutOfDeviceMemory(f"{graph} with {sizes}: {type(err).__name__}: {message[:300]}")
     return BackendError(f"{graph} with {sizes}: ONNX Runtime failed: {type(err).__name__}: {message[:300]}")

@@ -2,32 +2,72 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..modeling import BoxDecoder, CellSAMNetwork
-from .base import Backend, BackendError, OutOfDeviceMemory
+from .base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, release_cached_memory
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None -> CUDA when available, else CPU; validates explicit choices."""
+    """None -> CUDA when available, else CPU; validates explicit choices.
+
+    A CUDA device without an index gets torch's current device's index, once, here: torch
+    allocates "cuda" tensors on the current device, while libraries given a device id
+    (ONNX Runtime's IO binding and providers) would default to GPU 0, and the current
+    device may change later (``torch.cuda.set_device``).
+    """
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device: {device!r} is not a torch device ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError("device: CUDA was requested but torch sees no CUDA GPU; use device='cpu'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError("device: CUDA was requested but torch sees no CUDA GPU; use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise BackendError(f"device: {device} does not exist here; torch sees {count} CUDA GPU(s), "
+                               f"cuda:0 to cuda:{count - 1} (CUDA_VISIBLE_DEVICES renumbers them from 0)")
     return device
+
+
+def inference_copy(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """``module`` for inference on ``device``, leaving the caller's module untouched.
+
+    A new module tree in eval mode whose float parameters and buffers are float32 on
+    ``device``. Tensors that already are float32 on ``device`` are shared, not copied (no
+    memory cost, and later in-place weight updates of the caller show through); the others
+    are copied there once each (tied weights stay tied). The caller's tensors keep their
+    device, dtype and identity, and its modules keep their training flag: ``.to()`` and
+    ``.eval()`` on the caller's module would change both behind its back.
+    """
+    device = torch.device(device)
+    memo: dict[int, object] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if id(tensor) in memo:
+            continue
+        dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+        if tensor.device == device and tensor.dtype == dtype:
+            memo[id(tensor)] = tensor  # shared
+            continue
+        moved = tensor.detach().to(device=device, dtype=dtype)
+        memo[id(tensor)] = nn.Parameter(moved, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else moved
+    return copy.deepcopy(module, memo).eval()
 
 
 class TorchBackend(Backend):
     """Runs the PyTorch modules of a ``CellSAMNetwork``.
 
     Args:
-        network: loaded weights.
+        network: loaded weights; left as it is (the parts that run are used through
+            ``inference_copy``: shared when already float32 on ``device``, else copied).
         device: torch device (default: CUDA if available).
         precision: "fp32", or "fp16" (CUDA autocast) for speed at a small accuracy cost.
     """
@@ -41,13 +81,18 @@ class TorchBackend(Backend):
         if precision == "fp16" and self.device.type != "cuda":
             raise BackendError("precision='fp16' needs a CUDA device; the CPU runs fp32")
         self.precision = precision
-        self.network = network.eval().to(self.device)
         self.config = network.config
         self.adapted_inputs = network.uses_model_cp
         sam = network.sam
-        self.image_encoder = sam.image_encoder
-        self.cellfinder_module = network.cellfinder.decode_head
-        self.box_decoder = BoxDecoder(sam.prompt_encoder, sam.mask_decoder)
+        # only the parts that run go to the device: with model_cp, ``network.model``'s SAM
+        # (a whole ViT, 0.37 GB at ViT-B size) is never used
+        parts = inference_copy(nn.ModuleDict({
+            "image_encoder": sam.image_encoder, "cellfinder": network.cellfinder.decode_head,
+            "prompt_encoder": sam.prompt_encoder, "mask_decoder": sam.mask_decoder,
+        }), self.device)
+        self.image_encoder = parts["image_encoder"]
+        self.cellfinder_module = parts["cellfinder"]
+        self.box_decoder = BoxDecoder(parts["prompt_encoder"], parts["mask_decoder"])
         # Measured, ViT-B decoder in torch on 2 CPU cores: 31-34 ms per box in calls of 2-4
         # boxes, 51-55 ms in calls of 16-64 (the activations of a large call leave the
         # caches). Accelerators want large calls.
@@ -74,9 +119,11 @@ class TorchBackend(Backend):
         try:
             with self._context():
                 masks, iou = self.box_decoder(embedding.to(self.device), boxes.to(self.device, torch.float32))
-        except torch.cuda.OutOfMemoryError as err:
-            torch.cuda.empty_cache()
-            raise OutOfDeviceMemory(f"decoder with {len(boxes)} boxes: {err}") from None
+        except RuntimeError as err:  # torch.cuda.OutOfMemoryError, and cuBLAS/cuDNN allocation failures
+            if not is_out_of_memory(err):
+                raise
+            release_cached_memory()
+            raise OutOfDeviceMemory(f"decoder with {len(boxes)} boxes: {type(err).__name__}: {err}") from None
         return masks.float(), iou.float()
 
     def describe(self) -> dict:
