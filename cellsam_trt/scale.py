@@ -33,9 +33,11 @@ Multi-node (SLURM, dask-jobqueue), one GPU per worker process::
 
 Input, checkpoint (or engines) and output must be on a file system every worker sees.
 GPU pinning: a worker uses ``device`` when it names one (``"cuda:1"``); otherwise, with a
-single visible GPU (``CUDA_VISIBLE_DEVICES`` set by dask-cuda or by SLURM's
-``--gpus-per-task``) that one, else GPU ``i % count`` where ``i`` is the trailing number
-of the worker name (LocalCluster: 0, 1, ...; dask-jobqueue: the process index in its job).
+single visible GPU (SLURM's ``--gpus-per-task``) that one; with dask-cuda's per-worker
+``CUDA_VISIBLE_DEVICES`` (worker 1 of 4 sees "1,2,3,0": its own GPU first) the first
+visible one, ``cuda:0``; else (every GPU visible in their natural order) GPU ``i % count``
+where ``i`` is the trailing number of the worker name (LocalCluster: 0, 1, ...;
+dask-jobqueue: the process index in its job).
 With ``threads_per_worker=2`` one tile batch is preprocessed while another uses the GPU
 (the session serialises device work).
 """
@@ -76,6 +78,25 @@ except ImportError:  # pragma: no cover - distributed is in the [dask] extra
 
 # ----------------------------------------------------------------------------- workers
 
+def visible_devices_reordered() -> bool:
+    """True when ``CUDA_VISIBLE_DEVICES`` names several GPUs in an order chosen for this
+    process, as dask-cuda does: it rotates the list per worker ("0,1,2,3", "1,2,3,0", ...),
+    so each worker's own GPU comes first and is its ``cuda:0``.
+
+    GPU indices in ascending order are taken as the natural order (every worker sees the
+    same list; dask-cuda's worker 0 sees it too, and ``cuda:0`` is right for it either way).
+    A list of UUIDs (``GPU-...``, ``MIG-...``) has no natural order; it is taken as a
+    per-worker list, since setting one by hand for a whole cluster is rare.
+    """
+    entries = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    if len(entries) < 2:
+        return False
+    if all(e.isdigit() for e in entries):
+        indices = [int(e) for e in entries]
+        return indices != sorted(indices)
+    return True
+
+
 def worker_device(requested: str | None, worker_name: Any) -> str:
     """The device a worker should use (see module docstring, GPU pinning).
 
@@ -94,7 +115,7 @@ def worker_device(requested: str | None, worker_name: Any) -> str:
             raise BackendError("device: CUDA was requested but this worker sees no CUDA GPU")
         return "cpu"
     count = torch.cuda.device_count()
-    if count == 1:
+    if count == 1 or visible_devices_reordered():
         return "cuda:0"
     match = re.search(r"(\d+)$", str(worker_name))
     if match is None:

@@ -112,6 +112,27 @@ def test_worker_device_choice():
             worker_device("cuda", 0)
 
 
+@pytest.mark.parametrize("visible, name, expected", [
+    # dask-cuda's LocalCUDACluster: worker i sees the list rotated by i, its own GPU first
+    ("0,1,2,3", 0, "cuda:0"), ("1,2,3,0", 1, "cuda:0"), ("2,3,0,1", "tcp-worker-2", "cuda:0"),
+    ("3,0,1,2", 3, "cuda:0"), ("GPU-b1c2,GPU-a3d4", 1, "cuda:0"),
+    # every GPU visible in natural order (plain LocalCluster, one worker per GPU): i % count
+    (None, 1, "cuda:1"), (None, 6, "cuda:2"), ("0,1,2,3", 2, "cuda:2"), ("4,5,6,7", 3, "cuda:3"),
+])
+def test_worker_device_with_several_gpus(monkeypatch, visible, name, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert worker_device(None, name) == expected
+    assert worker_device("cuda", name) == expected
+    assert worker_device("cuda:1", name) == "cuda:1"  # an explicit choice is kept
+
+
 def test_a_failed_run_resumes_to_the_uninterrupted_labels(client, checkpoint, session, tmp_path, monkeypatch):
     from cellsam_trt import scale
 
