@@ -159,12 +159,28 @@ def test_optional_cleanups_run(session, cell_image, finder_result):
     assert smooth.shape == cell_image.shape[:2] and smooth.dtype == np.int32
 
 
-def test_cuda_matches_cpu(steered_tiny, cell_image, finder_result):
+@pytest.fixture()
+def no_tf32():
+    """Full fp32 matmuls and convolutions on CUDA for the test, as on the CPU (cuDNN's
+    default is TF32, a 10-bit mantissa); the flags are restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_cuda_matches_cpu(steered_tiny, cell_image, finder_result, no_tf32):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (torch sees none)")
+    from cellsam_trt.accuracy import label_agreement
+
     labels = CellSAM.from_network(steered_tiny, device="cuda").segment(cell_image)
-    differing = int((labels != finder_result[0]).sum())
-    assert differing <= 0.001 * labels.size, differing
+    # Compared cell by cell, not label id by label id: even at full fp32, CUDA kernels round
+    # differently from the CPU's, so one box near the CellFinder threshold or the IoU filter
+    # may come or go, and every later label id shifts by one while the cells stay the same.
+    out = label_agreement(finder_result[0], labels)
+    assert out["reference_cells"] >= 5, out
+    assert out["f1"] >= 0.95 and out["iou_mean"] >= 0.99 and out["foreground_agreement"] >= 0.999, out
 
 
 class _SmallMemoryBackend:
