@@ -1,18 +1,23 @@
-"""FP16 TensorRT engines from the ONNX export (``cellsam-trt build-engines``), run on the target GPU.
+"""TensorRT engines from the ONNX export (``cellsam-trt build-engines``), built on the target GPU.
 
-    onnx_dir/{encoder,cellfinder,decoder}.onnx + manifest.json
+    onnx_dir/{encoder,cellfinder,decoder}.fp16.onnx + manifest.json     (default: FP16 engines)
+    onnx_dir/{encoder,cellfinder,decoder}.onnx + manifest.json          (--fp32)
       -> engine_dir/{encoder,cellfinder,decoder}.engine + engines.json (+ timing.cache)
 
-TensorRT 10 Python API: ``trt.Builder``, a network parsed by ``trt.OnnxParser`` (every
-TensorRT 10 network is explicit-batch; the ONNX graphs carry the batch dim), a
-``BuilderConfig`` with the FP16 flag, one optimization profile per engine:
+One code path for TensorRT 10 and 11: a strongly typed network (``STRONGLY_TYPED``, the
+only kind TensorRT 11 builds) parsed by ``trt.OnnxParser``, so each layer runs in the type
+its ONNX tensors have. FP16 comes from the export's mixed-precision graphs (float16 with
+FP32 islands, ``cellsam_trt.mixed_precision``), not from builder flags: TensorRT 11 removed
+the FP16 / precision-constraint flags and per-layer precisions, and this module uses none
+(``tests/test_tensorrt_backend.py`` scans for them). One optimization profile per engine:
 
     encoder, cellfinder   image B:     min 1 / opt 1   / max 8     (--max-batch)
     decoder               boxes N:     min 1 / opt 256 / max 1024  (--max-boxes; the runtime chunks above)
 
 and a timing cache file that makes rebuilds fast. ``engines.json`` records the GPU name,
-compute capability, TensorRT version and the export manifest's checkpoint hash; the
-TensorRT backend refuses engines whose record does not match the machine or checkpoint.
+compute capability, TensorRT version, the precision and the hash of the graph each engine
+was built from, and the export manifest's checkpoint hash; the TensorRT backend refuses
+engines whose record does not match the machine or checkpoint.
 
 ``tensorrt`` is imported only when a build starts; without it the command fails with one
 message saying how to install it.
@@ -41,6 +46,7 @@ from .runtime.artifacts import (
     GRAPH_NAMES,
     GRAPH_SPECS,
     MANIFEST_NAME,
+    PRECISIONS,
     decoder_profile_shapes,
     file_sha256,
     image_profile_shapes,
@@ -56,65 +62,34 @@ DEFAULT_MAX_BOXES = 1024
 DEFAULT_OPT_BOXES = 256
 TIMING_CACHE_NAME = "timing.cache"
 
-FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
-FP32_ELEMENTWISE_OPS = ("POW",)
-FP32_UNARY_OPS = ("SQRT",)
 
 
-def pin_fp32_layers(trt, network) -> dict[str, int]:
-    """Constrain the numerically fragile layers of ``network`` to FP32; returns counts per kind.
+def strongly_typed_flags(trt) -> int:
+    """``create_network`` flags of a strongly typed network (the only kind TensorRT 11 builds).
 
-    Why layer precision constraints (FP16 flag + OBEY_PRECISION_CONSTRAINTS + per-layer
-    ``precision`` / ``set_output_type``) rather than a strongly typed network: the ONNX
-    graphs stay float32, so the very files that ONNX Runtime checks against torch are the
-    ones TensorRT builds; a strongly typed network takes every precision from the ONNX
-    tensor types, which would need a second, hand-cast FP16 export with Cast nodes around
-    each FP32 island, and it removes TensorRT's freedom to choose FP16 kernels per layer.
-    With constraints, TensorRT runs the convolutions and matrix multiplies (almost all of
-    the FLOPs, where tensor cores give the speed) in FP16 and must keep these in FP32:
-
-    - NORMALIZATION (LayerNorm: opset 17 exports it as one node): the variance of
-      activations with a large mean cancels catastrophically in FP16's 10-bit mantissa,
-      and ViT residual streams have such channels;
-    - SOFTMAX: exponentials of unnormalised scores overflow FP16 above ~11, and the sum
-      runs over 4096 keys in SAM's global attention;
-    - REDUCE, POW, SQRT: SAM's hand-written LayerNorm2d (neck, mask upscaling) computes
-      mean, squared deviation and square root with separate nodes, and CellFinder's
-      row-column attention averages its keys over 64 rows or columns.
-
-    OBEY (not PREFER) makes a build fail loudly if a constraint cannot be honoured instead
-    of silently running the layer in FP16. Only float32 tensors are constrained (shape
-    arithmetic in int32/int64 is left alone).
+    The flag exists in TensorRT 10 too, so one build path serves both: every layer runs in
+    the type its ONNX tensors have (float16 in the mixed-precision graphs, float32 in their
+    islands and in the FP32 graphs), and no builder precision flag is set.
     """
-    layer_types = {getattr(trt.LayerType, t) for t in FP32_LAYER_TYPES if hasattr(trt.LayerType, t)}
-    pow_ops = {getattr(trt.ElementWiseOperation, o) for o in FP32_ELEMENTWISE_OPS}
-    sqrt_ops = {getattr(trt.UnaryOperation, o) for o in FP32_UNARY_OPS}
-    counts: dict[str, int] = {}
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    if flag is None:
+        raise BackendError(
+            f"TensorRT {getattr(trt, '__version__', '?')} has no strongly typed networks "
+            "(NetworkDefinitionCreationFlag.STRONGLY_TYPED); install TensorRT 10 or 11 with "
+            "`pip install 'cellsam-trt[tensorrt]'`"
+        )
+    return 1 << int(flag)
+
+
+def layer_precisions(trt, network) -> dict[str, int]:
+    """How many layers of ``network`` produce float16 and float32 outputs (what the graph's types give)."""
+    names = {trt.float16: "float16", trt.float32: "float32"}
+    counts = {"float16": 0, "float32": 0}
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        kind = None
-        if layer.type in layer_types:
-            kind = str(layer.type).split(".")[-1]
-            if layer.type == trt.LayerType.NORMALIZATION and hasattr(trt, "INormalizationLayer"):
-                # The subclass view exposes compute_precision (the accumulation type).
-                layer.__class__ = trt.INormalizationLayer
-                if hasattr(layer, "compute_precision"):
-                    layer.compute_precision = trt.float32
-        elif layer.type == trt.LayerType.ELEMENTWISE:
-            layer.__class__ = trt.IElementWiseLayer
-            kind = "POW" if layer.op in pow_ops else None
-        elif layer.type == trt.LayerType.UNARY:
-            layer.__class__ = trt.IUnaryLayer
-            kind = "SQRT" if layer.op in sqrt_ops else None
-        if kind is None:
-            continue
-        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
-        if not outputs or any(o.dtype != trt.float32 for o in outputs):
-            continue
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            layer.set_output_type(j, trt.float32)
-        counts[kind] = counts.get(kind, 0) + 1
+        kinds = {names.get(layer.get_output(j).dtype) for j in range(layer.num_outputs)} - {None}
+        for kind in kinds:
+            counts[kind] += 1
     return counts
 
 
@@ -131,8 +106,6 @@ def build_engine(
     engine_path: Path,
     shapes: dict[str, tuple],
     *,
-    fp16: bool = True,
-    keep_fp32: bool = True,
     workspace_bytes: int | None = None,
     timing_cache: Path | None = None,
     logger=None,
@@ -141,22 +114,23 @@ def build_engine(
 
     Args:
         trt: the tensorrt module.
-        onnx_path: graph to parse (external weights beside it are found by the parser).
+        onnx_path: graph to parse (external weights beside it are found by the parser); its
+            tensor types decide the precision: a mixed-precision graph gives an FP16 engine
+            with FP32 islands, an FP32 graph an FP32 engine.
         engine_path: serialized engine destination.
         shapes: {input name: (min, opt, max)} for the one optimization profile.
-        fp16: allow FP16 kernels (BuilderFlag.FP16).
-        keep_fp32: pin the fragile layers to FP32 (see ``pin_fp32_layers``).
         workspace_bytes: cap of the builder's workspace pool (None: TensorRT's default).
         timing_cache: file that is read before and updated after the build.
 
     Returns:
-        Metadata of the engine: file, sha256, size, build seconds, profile, pinned layers.
+        Metadata of the engine: file, sha256, size, build seconds, profile, and the count of
+        layers with float16 / float32 outputs.
     """
     logger = logger or trt.Logger(trt.Logger.WARNING)
     t0 = time.perf_counter()
     builder = trt.Builder(logger)
-    # TensorRT 10 networks are always explicit-batch (the flag is gone / deprecated): 0 flags.
-    network = builder.create_network(0)
+    # Strongly typed (see strongly_typed_flags); explicit batch is implied since TensorRT 10.
+    network = builder.create_network(strongly_typed_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -164,14 +138,7 @@ def build_engine(
     config = builder.create_builder_config()
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    pinned: dict[str, int] = {}
-    if fp16:
-        if not builder.platform_has_fast_fp16:
-            log.warning("this GPU has no fast FP16; building FP16 anyway")
-        config.set_flag(trt.BuilderFlag.FP16)
-        if keep_fp32:
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-            pinned = pin_fp32_layers(trt, network)
+    precisions = layer_precisions(trt, network)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
@@ -192,7 +159,7 @@ def build_engine(
         "size_bytes": engine_path.stat().st_size,
         "build_seconds": round(time.perf_counter() - t0, 1),
         "profile": {name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in shapes.items()},
-        "fp32_layers": pinned,
+        "layer_precisions": precisions,
     }
 
 
@@ -204,8 +171,7 @@ def build_engines(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_boxes: int = DEFAULT_MAX_BOXES,
     opt_boxes: int = DEFAULT_OPT_BOXES,
-    fp16: bool = True,
-    keep_fp32: bool = True,
+    precision: str = "fp16",
     workspace_gib: float | None = None,
     timing_cache: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
@@ -219,7 +185,8 @@ def build_engines(
         graphs: which engines to build.
         max_batch: image profile max B (opt and min 1).
         max_boxes, opt_boxes: decoder profile max and opt N (min 1).
-        fp16, keep_fp32: precision (see ``pin_fp32_layers``).
+        precision: "fp16" builds from the export's mixed-precision graphs
+            (``<graph>.fp16.onnx``, FP32 islands chosen at export), "fp32" from the FP32 graphs.
         workspace_gib: builder workspace cap.
         timing_cache: timing cache file (default ``engine_dir/timing.cache``).
         device: CUDA device to build for.
@@ -234,7 +201,9 @@ def build_engines(
     for label, value in (("max_batch", max_batch), ("max_boxes", max_boxes), ("opt_boxes", opt_boxes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label}: expected a positive integer, got {value!r}")
-    manifest = load_manifest(onnx_dir, graphs=graphs, checkpoint=checkpoint)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    manifest = load_manifest(onnx_dir, graphs=graphs, checkpoint=checkpoint, precision=precision)
     trt = require_tensorrt()
     gpu = current_gpu(device)
     out = Path(engine_dir).expanduser() if engine_dir is not None else manifest.folder
@@ -250,11 +219,11 @@ def build_engines(
         for graph in graphs:
             shapes = profile_shapes(manifest.config, graph, max_batch=max_batch, max_boxes=max_boxes, opt_boxes=opt_boxes)
             log.info("building %s engine (%s)", graph, shapes)
-            entry = build_engine(trt, manifest.graph_path(graph), out / GRAPH_SPECS[graph].engine_file, shapes,
-                                 fp16=fp16, keep_fp32=keep_fp32,
-                                 workspace_bytes=int(workspace_gib * 2**30) if workspace_gib else None,
+            entry = build_engine(trt, manifest.graph_path(graph, precision), out / GRAPH_SPECS[graph].engine_file,
+                                 shapes, workspace_bytes=int(workspace_gib * 2**30) if workspace_gib else None,
                                  timing_cache=cache, logger=logger)
-            entry["onnx_sha256"] = manifest.graph(graph)["sha256"]
+            source = manifest.file_entry(graph, precision)
+            entry["onnx_file"], entry["onnx_sha256"] = source["file"], source["sha256"]
             entries[graph] = entry
     meta = {
         "format": ENGINE_METADATA_FORMAT,
@@ -267,8 +236,8 @@ def build_engines(
         "manifest_sha256": file_sha256(manifest.folder / MANIFEST_NAME),
         "model_config": manifest.data["model_config"],
         "uses_model_cp": manifest.uses_model_cp,
-        "precision": {"mode": "fp16" if fp16 else "fp32", "fp32_layers": keep_fp32 and fp16,
-                      "pinned_types": list(FP32_LAYER_TYPES + FP32_ELEMENTWISE_OPS + FP32_UNARY_OPS)},
+        "precision": {"mode": precision, "strongly_typed": True,
+                      "fp32_ops": manifest.file_entry(graphs[0], "fp16").get("fp32_ops") if precision == "fp16" else None},
         "max_batch": max_batch,
         "max_decoder_boxes": max_boxes,
         "timing_cache": str(cache),
@@ -326,12 +295,16 @@ def _numpy(x) -> np.ndarray:
     return x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def verification_inputs(config, adapted: bool, *, size: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Realistic graph inputs: both model inputs of a synthetic cell image, (1, 3, S, S) each."""
+def verification_inputs(config, adapted: bool, *, size: int = 512, seed: int = 0,
+                        image: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Realistic graph inputs: both model inputs, (1, 3, S, S) float32 each, of ``image`` (any
+    image ``segment`` takes) or, by default, of a synthetic ``size`` x ``size`` cell image."""
     from . import preprocess as pre
     from .testing import synthetic_cells
 
-    image = pre.to_tensor(pre.normalize_image(pre.format_image(synthetic_cells(size, size, n_cells=60, seed=seed))))
+    if image is None:
+        image = synthetic_cells(size, size, n_cells=60, seed=seed)
+    image = pre.to_tensor(pre.normalize_image(pre.format_image(image)))
     return (pre.embedding_input(image, config.image_size, adapted), pre.cellfinder_input(image, config.image_size, adapted))
 
 
@@ -408,13 +381,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.verify_only:
         meta = build_engines(
             args.onnx_dir, engine_dir, graphs=args.graphs, max_batch=args.max_batch, max_boxes=args.max_boxes,
-            opt_boxes=args.opt_boxes, fp16=not args.fp32, keep_fp32=not args.no_fp32_layers,
+            opt_boxes=args.opt_boxes, precision="fp32" if args.fp32 else "fp16",
             workspace_gib=args.workspace_gib, timing_cache=args.timing_cache, device=args.device,
             checkpoint=args.checkpoint,
         )
         for name, entry in meta["engines"].items():
             print(f"{name:<11}{Path(engine_dir) / entry['file']}  {entry['size_bytes'] / 2**20:8.1f} MiB  "
-                  f"{entry['build_seconds']:7.1f} s  profile {entry['profile']}  fp32 layers {entry['fp32_layers']}")
+                  f"{entry['build_seconds']:7.1f} s  from {entry['onnx_file']}  profile {entry['profile']}  "
+                  f"layers by output type {entry['layer_precisions']}")
         print(f"engines.json: {meta['gpu']['name']} (sm {meta['gpu']['compute_capability']}), "
               f"TensorRT {meta['tensorrt_version']}, checkpoint sha256 {meta['checkpoint']['sha256']}")
     if args.verify or args.verify_only:
@@ -434,8 +408,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-boxes", type=int, default=DEFAULT_MAX_BOXES,
                    help=f"decoder boxes per call, profile max (default {DEFAULT_MAX_BOXES})")
     p.add_argument("--opt-boxes", type=int, default=DEFAULT_OPT_BOXES, help=f"decoder profile opt (default {DEFAULT_OPT_BOXES})")
-    p.add_argument("--fp32", action="store_true", help="build FP32 engines (no FP16 flag)")
-    p.add_argument("--no-fp32-layers", action="store_true", help="let LayerNorm/softmax/reductions run in FP16 too")
+    p.add_argument("--fp32", action="store_true",
+                   help="build FP32 engines from the FP32 graphs (default: FP16 engines from the mixed-precision graphs)")
     p.add_argument("--workspace-gib", type=float, help="builder workspace cap in GiB")
     p.add_argument("--timing-cache", help="timing cache file (default: ENGINE_DIR/timing.cache)")
     p.add_argument("--device", help="CUDA device (default: the current one)")

@@ -1,6 +1,7 @@
 """Export CellSAM's three graphs to ONNX (``cellsam-trt export``).
 
 checkpoint -> out/encoder.onnx, out/cellfinder.onnx, out/decoder.onnx, out/manifest.json
+              (+ out/<graph>.fp16.onnx: mixed precision, float32 I/O; ``--no-fp16`` skips them)
 
 The graphs are exactly the modules the torch backend runs (``sam.image_encoder``,
 ``cellfinder.decode_head``, ``BoxDecoder(sam.prompt_encoder, sam.mask_decoder)``), traced in
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .io import atomic_write
+from .mixed_precision import ConversionError, convert_graph
 from .modeling import BoxDecoder, CellSAMNetwork
 from .runtime.artifacts import (
     GRAPH_NAMES,
@@ -311,6 +313,7 @@ def export_network(
     opset: int = OPSET,
     batch: int = 2,
     num_boxes: int = 3,
+    fp16: bool = True,
 ) -> dict[str, Any]:
     """Export ``network``'s graphs into ``out_dir`` and write ``manifest.json`` last.
 
@@ -322,6 +325,10 @@ def export_network(
             set by ``load_checkpoint``); its sha256 goes into the manifest.
         checkpoint_sha256: the hash, if already computed.
         opset, batch, num_boxes: see ``export_graph``.
+        fp16: also write each graph's mixed-precision version ``<graph>.fp16.onnx``
+            (``cellsam_trt.mixed_precision``; what FP16 TensorRT engines are built from and
+            what ``OnnxRuntimeBackend(precision="fp16")`` runs), recorded under the graph's
+            ``"fp16"`` key of the manifest with its sha256.
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -350,6 +357,15 @@ def export_network(
         log.info("exporting %s", name)
         entries[name] = export_graph(modules[name], name, network.config, out / GRAPH_SPECS[name].onnx_file,
                                      opset=opset, batch=batch, num_boxes=num_boxes)
+        fp16_path = out / GRAPH_SPECS[name].fp16_onnx_file
+        if fp16:
+            log.info("converting %s to mixed precision", name)
+            try:
+                entries[name]["fp16"] = convert_graph(out / GRAPH_SPECS[name].onnx_file, fp16_path)
+            except ConversionError as err:
+                raise ExportError(f"{name}: {err}") from err
+        elif fp16_path.exists():
+            fp16_path.unlink()  # an earlier export's, not from these weights
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -359,6 +375,7 @@ def export_network(
         "uses_model_cp": bool(network.uses_model_cp),
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=False)",
+        "precisions": ["fp32", "fp16"] if fp16 else ["fp32"],
         "graphs": entries,
         "tools": tool_versions(),
     }
@@ -403,12 +420,16 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     config = ModelConfig.named(args.config) if args.config else None
     manifest = export_checkpoint(args.checkpoint, args.out, config=config, download=args.download,
-                                 graphs=args.graphs, opset=args.opset)
+                                 graphs=args.graphs, opset=args.opset, fp16=not args.no_fp16)
     out = Path(args.out)
     for name, entry in manifest["graphs"].items():
         size = entry["size_bytes"] + (entry["external_data"] or {}).get("size_bytes", 0)
         io = ", ".join(f"{t['name']} {format_shape(t['shape'])}" for t in entry["inputs"] + entry["outputs"])
         print(f"{name:<10} {out / entry['file']}  {size / 2**20:8.1f} MiB  {entry['export_seconds']:6.1f} s  {io}")
+        if entry.get("fp16"):
+            half = entry["fp16"]
+            print(f"{'':<10} {out / half['file']}  {half['size_bytes'] / 2**20:8.1f} MiB  {half['convert_seconds']:6.1f} s  "
+                  f"FP16 with FP32 {', '.join(half['fp32_ops'])}")
     print(f"manifest: {out / MANIFEST_NAME} (checkpoint sha256 {manifest['checkpoint']['sha256']}); "
           f"total {time.perf_counter() - t0:.1f} s")
     return 0
@@ -422,6 +443,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", choices=["cellsam-vit-b", "tiny"], help="architecture (default: inferred from the weights)")
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
     p.add_argument("--download", action="store_true", help="fetch the released weights when absent")
+    p.add_argument("--no-fp16", action="store_true",
+                   help="skip the mixed-precision <graph>.fp16.onnx files (FP16 TensorRT engines need them)")
 
 
 def register(subparsers) -> None:

@@ -114,7 +114,7 @@ def test_missing_changed_or_unnamed_engine_files_are_refused(tmp_path):
 
 @no_trt
 def test_missing_tensorrt_is_one_clear_error(tmp_path, exported, capsys):
-    with pytest.raises(BackendError, match=r"TensorRT is not installed.*pip install 'tensorrt>=10'"):
+    with pytest.raises(BackendError, match=r"TensorRT is not installed.*pip install 'tensorrt>=10,<12'"):
         require_tensorrt()
     with pytest.raises(BackendError, match="TensorRT is not installed"):
         TensorRTBackend(tmp_path)
@@ -196,6 +196,18 @@ def test_engines_match_onnxruntime(exported, engines):
 
 
 @needs_trt
+def test_fp16_engines_match_the_fp16_graphs_in_onnxruntime(exported, engines):
+    """What the CPU measured for the mixed-precision graphs is what the engines compute."""
+    backend = TensorRTBackend(engines, checkpoint=exported[0])
+    assert backend.metadata["precision"]["mode"] == "fp16"
+    rows = verify_backend(OnnxRuntimeBackend(exported[1], device="cpu", precision="fp16"), backend, num_boxes=64)
+    for row in rows:
+        print(row)
+        assert row["max_rel"] < 0.02, row
+    assert [r for r in rows if r["graph"] == "decoder"][0]["mean_iou"] > 0.98
+
+
+@needs_trt
 def test_pipeline_with_engines_is_close_to_torch(exported, engines, steered_tiny, cell_image):
     want = CellSAM.from_network(steered_tiny, device="cuda").segment(cell_image)
     got = CellSAM.from_checkpoint(exported[0], backend="tensorrt", engine_dir=engines).segment(cell_image)
@@ -225,3 +237,243 @@ def test_engines_refused_after_tampering(exported, engines, tmp_path):
         TensorRTBackend(folder)
     with pytest.raises(BackendError, match="cannot deserialize"):
         TensorRTBackend(folder, verify_hashes=False)
+
+
+# ---- TensorRT 11: strongly typed networks only, no removed API -----------------------
+
+# Python APIs that TensorRT 11 removed (NVIDIA, "Migrating from TensorRT 10.x to 11.x",
+# "Removed Python APIs and Replacements"), plus the binding-index API that 10 already
+# removed. The TensorRT 11.4 Python bindings register none of these names (read from the
+# tensorrt-cu13-bindings wheel), while they do register STRONGLY_TYPED, execute_async_v3,
+# set_tensor_address, set_input_shape, get_tensor_profile_shape and device_memory_size_v2.
+REMOVED_IN_TENSORRT_11 = (
+    r"BuilderFlag\.(FP16|BF16|INT8|INT4|FP8|FP4|OBEY_PRECISION_CONSTRAINTS|PREFER_PRECISION_CONSTRAINTS|DIRECT_IO)\b",
+    r"\bplatform_has_fast_(fp16|int8)\b", r"\bplatform_has_tf32\b",
+    r"\.precision\s*=", r"\bset_output_type\b", r"\breset_precision\b", r"\breset_output_type\b",
+    r"\bprecision_is_set\b", r"\boutput_type_is_set\b",
+    r"\bint8_calibrator\b", r"\b(set|get)_calibration_profile\b", r"\b(set|get|clear)_quantization_flag\b",
+    r"\bquantization_flags\b", r"\bIInt8\w*Calibrator\b", r"\balgorithm_selector\b", r"\bIAlgorithm\w*\b",
+    r"\bdevice_memory_size\b(?!_)", r"\bget_device_memory_size_for_profile\b(?!_)",
+    r"\bexecute_async_v2\b", r"\bexecute_async\b(?!_)", r"\bget_binding_\w+\b", r"\bnum_bindings\b",
+    r"\bbinding_is_input\b", r"\bEXPLICIT_BATCH\b", r"\bmax_workspace_size\b", r"\.build_engine\(",
+)
+
+
+def removed_api_uses(text: str) -> list[str]:
+    """Lines of ``text`` that use a removed TensorRT API (comments and docstrings included:
+    naming a removed call in a comment is how such calls come back)."""
+    import re
+
+    pattern = re.compile("|".join(f"(?:{p})" for p in REMOVED_IN_TENSORRT_11))
+    hits = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if pattern.search(line) and "no-removed-api-check" not in line:
+            hits.append(f"{number}: {line.strip()}")
+    return hits
+
+
+def tensorrt_sources() -> list:
+    """The project's Python files that use TensorRT: engines.py, the backend, anything importing tensorrt."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = {root / "cellsam_trt" / "engines.py", root / "cellsam_trt" / "runtime" / "tensorrt_backend.py"}
+    imports = re.compile(r"^\s*(import tensorrt|from tensorrt\b)", re.M)
+    for folder in ("cellsam_trt", "bench", "export"):
+        for path in (root / folder).rglob("*.py"):
+            if imports.search(path.read_text()):
+                files.add(path)
+    return sorted(files)
+
+
+def test_the_removed_api_scan_finds_removed_calls():
+    old_build = """
+    config.set_flag(trt.BuilderFlag.FP16)
+    if builder.platform_has_fast_fp16: pass
+    layer.precision = trt.float32
+    layer.set_output_type(0, trt.float32)
+    size = engine.device_memory_size
+    """
+    assert len(removed_api_uses(old_build)) == 5
+    assert removed_api_uses("engine.device_memory_size_v2; context.execute_async_v3(s); set_tensor_address(n, p)") == []
+
+
+def test_tensorrt_code_uses_no_api_removed_in_tensorrt_11():
+    sources = tensorrt_sources()
+    assert any(p.name == "engines.py" for p in sources) and any(p.name == "tensorrt_backend.py" for p in sources)
+    found = {str(p): removed_api_uses(p.read_text()) for p in sources}
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+class FakeTensorRT:
+    """Just the TensorRT 11 API that a strongly typed build uses; removed names are absent.
+
+    The parser reads the real ONNX file and makes one layer per node, typed by ONNX shape
+    inference, as TensorRT's parser types a strongly typed network.
+    """
+
+    __version__ = "11.4.0.106"
+
+    def __init__(self):
+        import enum
+        import types
+
+        self.float32, self.float16 = "float32", "float16"
+        self.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag",
+                                                         {"STRONGLY_TYPED": 1, "PREFER_AOT_PYTHON_PLUGINS": 2})
+        self.BuilderFlag = enum.IntEnum("BuilderFlag", {"DEBUG": 0, "TF32": 4, "STRIP_PLAN": 20})
+        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+        self.calls: list = []
+        fake = self
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, severity=2):
+                pass
+
+        class Layer:
+            __slots__ = ("_types",)  # no precision / set_output_type: assigning them fails
+
+            def __init__(self, dtypes):
+                self._types = dtypes
+
+            @property
+            def num_outputs(self):
+                return len(self._types)
+
+            def get_output(self, j):
+                return types.SimpleNamespace(dtype=self._types[j])
+
+        class Network:
+            def __init__(self, flags):
+                self.flags, self.layers = flags, []
+
+            @property
+            def num_layers(self):
+                return len(self.layers)
+
+            def get_layer(self, i):
+                return self.layers[i]
+
+        class OnnxParser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                self.network = network
+
+            def parse_from_file(self, path):
+                fake.calls.append(("parse", path))
+                model = onnx.shape_inference.infer_shapes(onnx.load(path))
+                names = {onnx.TensorProto.FLOAT: fake.float32, onnx.TensorProto.FLOAT16: fake.float16}
+                kinds = {v.name: names.get(v.type.tensor_type.elem_type, "other")
+                         for v in list(model.graph.value_info) + list(model.graph.output)}
+                self.network.layers = [Layer([kinds.get(o, "other") for o in n.output]) for n in model.graph.node]
+                return True
+
+        class Config:
+            def set_flag(self, flag):
+                fake.calls.append(("set_flag", flag))
+
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("pool", pool, size))
+
+            def add_optimization_profile(self, profile):
+                fake.calls.append(("profile", profile.shapes))
+
+            def create_timing_cache(self, data):
+                return types.SimpleNamespace(serialize=lambda: b"timing")
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, lo, opt, hi):
+                self.shapes[name] = (lo, opt, hi)
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls.append(("create_network", flags))
+                return Network(flags)
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return f"engine of {network.num_layers} layers".encode()
+
+        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, OnnxParser
+
+
+import onnx  # noqa: E402  (the fake parser reads graphs with it)
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """build_engines with FakeTensorRT on a pretend GPU (no CUDA calls)."""
+    import contextlib
+
+    import cellsam_trt.engines as engines_module
+
+    trt = FakeTensorRT()
+    monkeypatch.setattr(engines_module, "require_tensorrt", lambda: trt)
+    monkeypatch.setattr(engines_module, "current_gpu", lambda device=None: {"name": "Fake GPU", "compute_capability": "9.0"})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return trt
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_engines_are_strongly_typed_networks_of_the_chosen_graphs(fake_trt, exported, tmp_path, precision):
+    from cellsam_trt.engines import build_engines
+
+    meta = build_engines(exported[1], tmp_path, max_batch=2, max_boxes=64, opt_boxes=16, precision=precision)
+    strongly_typed = 1 << int(fake_trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert [c[1] for c in fake_trt.calls if c[0] == "create_network"] == [strongly_typed] * 3
+    assert [c for c in fake_trt.calls if c[0] == "set_flag"] == []  # precision comes from the graphs alone
+    suffix = ".fp16.onnx" if precision == "fp16" else ".onnx"
+    parsed = [c[1] for c in fake_trt.calls if c[0] == "parse"]
+    assert parsed == [str(exported[1] / f"{g}{suffix}") for g in ("encoder", "cellfinder", "decoder")]
+    manifest = json.loads((exported[1] / "manifest.json").read_text())
+    assert meta["precision"]["mode"] == precision and meta["precision"]["strongly_typed"] is True
+    assert json.loads((tmp_path / "engines.json").read_text()) == meta
+    for graph, entry in meta["engines"].items():
+        source = manifest["graphs"][graph] if precision == "fp32" else manifest["graphs"][graph]["fp16"]
+        assert entry["onnx_file"] == source["file"] and entry["onnx_sha256"] == source["sha256"]
+        assert (tmp_path / entry["file"]).read_bytes().startswith(b"engine of ")
+        layers = entry["layer_precisions"]
+        if precision == "fp16":
+            assert layers["float16"] > layers["float32"] > 0  # FP16 with FP32 islands
+        else:
+            assert layers["float16"] == 0 and layers["float32"] > 0
+    assert meta["engines"]["decoder"]["profile"]["boxes"] == {"min": [1, 4], "opt": [16, 4], "max": [64, 4]}
+    assert (tmp_path / "timing.cache").read_bytes() == b"timing"
+
+
+def test_fp16_engines_need_the_fp16_graphs(fake_trt, exported, tmp_path):
+    from cellsam_trt.engines import build_engines, strongly_typed_flags
+    from cellsam_trt.export_onnx import export_checkpoint
+
+    out = tmp_path / "fp32-only"
+    export_checkpoint(exported[0], out, graphs=("decoder",), fp16=False)
+    with pytest.raises(BackendError, match="no FP16 decoder graph .*cellsam-trt export"):
+        build_engines(out, tmp_path / "e", graphs=("decoder",))
+    build_engines(out, tmp_path / "e", graphs=("decoder",), precision="fp32")
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        build_engines(out, tmp_path / "e", graphs=("decoder",), precision="int8")
+    del fake_trt.NetworkDefinitionCreationFlag
+    with pytest.raises(BackendError, match="no strongly typed networks"):
+        strongly_typed_flags(fake_trt)

@@ -36,6 +36,8 @@ ENGINE_METADATA_NAME = "engines.json"
 ENGINE_METADATA_FORMAT = "cellsam-trt-engines"
 ENGINE_METADATA_VERSION = 1
 GRAPH_NAMES = ("encoder", "cellfinder", "decoder")
+# fp32: the traced graphs; fp16: their mixed-precision versions (cellsam_trt.mixed_precision)
+PRECISIONS = ("fp32", "fp16")
 BATCH_DIM = "batch"
 BOXES_DIM = "num_boxes"
 
@@ -57,6 +59,11 @@ class GraphSpec:
     @property
     def engine_file(self) -> str:
         return f"{self.name}.engine"
+
+    @property
+    def fp16_onnx_file(self) -> str:
+        """The mixed-precision version of the graph (float16 compute, float32 I/O)."""
+        return f"{self.name}.fp16.onnx"
 
 
 GRAPH_SPECS: dict[str, GraphSpec] = {
@@ -191,8 +198,17 @@ class ExportManifest:
     def graph(self, name: str) -> dict[str, Any]:
         return self.data["graphs"][name]
 
-    def graph_path(self, name: str) -> Path:
-        return self.folder / self.graph(name)["file"]
+    def file_entry(self, name: str, precision: str = "fp32") -> dict[str, Any]:
+        """The manifest entry of graph ``name``'s file in ``precision`` ("fp32" or "fp16")."""
+        entry = self.graph(name)
+        return entry if precision == "fp32" else entry["fp16"]
+
+    def graph_path(self, name: str, precision: str = "fp32") -> Path:
+        return self.folder / self.file_entry(name, precision)["file"]
+
+    def has_precision(self, precision: str) -> bool:
+        """Whether every graph of the manifest has a file in ``precision``."""
+        return precision == "fp32" or all(isinstance(e.get("fp16"), dict) for e in self.data["graphs"].values())
 
     def shapes(self, name: str) -> dict[str, tuple]:
         """{tensor: shape} of graph ``name`` as recorded (inputs then outputs)."""
@@ -206,6 +222,7 @@ def load_manifest(
     graphs: Sequence[str] = GRAPH_NAMES,
     checkpoint: str | os.PathLike | None = None,
     verify_hashes: bool = True,
+    precision: str = "fp32",
 ) -> ExportManifest:
     """Read and check an export folder's manifest.
 
@@ -214,11 +231,16 @@ def load_manifest(
         graphs: graphs that must be present.
         checkpoint: when given, the graphs must have been exported from this file (sha256).
         verify_hashes: compare every graph file with the sha256 the exporter recorded.
+        precision: which files must be present and are checked: "fp32" (``<graph>.onnx``)
+            or "fp16" (the mixed-precision ``<graph>.fp16.onnx``; exports made with
+            ``--no-fp16`` or before FP16 graphs existed have none).
 
     Raises:
         BackendError: missing folder/manifest/graph, a graph changed since export (sha256),
             a manifest of another format, or graphs exported from another checkpoint.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     folder = Path(folder).expanduser()
     hint = export_hint(folder)
     if not folder.is_dir():
@@ -253,6 +275,13 @@ def load_manifest(
                 f"onnx_dir: {name} graph has inputs/outputs {recorded_io}, expected "
                 f"{(spec.inputs, spec.outputs)}. {hint}"
             )
+        if precision == "fp16":
+            if not isinstance(entry.get("fp16"), dict):
+                raise BackendError(
+                    f"onnx_dir: the export in {folder} has no FP16 {name} graph (exported with --no-fp16, or by a "
+                    f"cellsam-trt without mixed-precision graphs). {hint}"
+                )
+            entry = entry["fp16"]
         for file_entry in [entry] + ([entry["external_data"]] if entry.get("external_data") else []):
             path = folder / file_entry["file"]
             if not path.is_file():

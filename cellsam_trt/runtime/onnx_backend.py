@@ -13,6 +13,7 @@ from torch import Tensor
 from .artifacts import (
     GRAPH_NAMES,
     GRAPH_SPECS,
+    PRECISIONS,
     bind_symbols,
     check_input,
     decoder_profile_shapes,
@@ -89,6 +90,11 @@ class OnnxRuntimeBackend(Backend):
         trt_cache_dir: engine cache of the TensorRT provider (default: onnx_dir/ort-trt-cache).
         trt_max_batch: largest image batch the TensorRT provider's profile admits; larger
             encoder / CellFinder batches are split (and decoder calls default to 1024 boxes).
+        precision: "fp32" runs ``<graph>.onnx``; "fp16" runs the mixed-precision
+            ``<graph>.fp16.onnx`` of the export (float16 compute with float32 islands, the
+            graphs FP16 TensorRT engines are built from; inputs and outputs stay float32).
+            On the CPU, ONNX Runtime computes the float16 ops that lack a CPU kernel in
+            float32 between casts, so an fp16 session is for checking accuracy, not speed.
 
     Raises:
         BackendError: missing/changed/corrupt graph files, another checkpoint, or an
@@ -109,11 +115,14 @@ class OnnxRuntimeBackend(Backend):
         verify_hashes: bool = True,
         trt_cache_dir: str | os.PathLike | None = None,
         trt_max_batch: int = 8,
+        precision: str = "fp32",
     ) -> None:
         if max_decoder_boxes is not None and (isinstance(max_decoder_boxes, bool) or not isinstance(max_decoder_boxes, int) or max_decoder_boxes < 1):
             raise ValueError(f"max_decoder_boxes: expected a positive integer or None, got {max_decoder_boxes!r}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads: expected a positive integer or None, got {threads!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         ort = import_onnxruntime()
         wanted = normalize_providers(providers)
         available = ort.get_available_providers()
@@ -132,7 +141,8 @@ class OnnxRuntimeBackend(Backend):
         # the TensorRT provider builds engines for a fixed shape range: stay inside it
         self.max_decoder_boxes = max_decoder_boxes or (1024 if TENSORRT in wanted else None)
         self.max_batch = trt_max_batch if TENSORRT in wanted else None
-        self.manifest = load_manifest(onnx_dir, checkpoint=checkpoint, verify_hashes=verify_hashes)
+        self.precision = precision
+        self.manifest = load_manifest(onnx_dir, checkpoint=checkpoint, verify_hashes=verify_hashes, precision=precision)
         self.folder = self.manifest.folder
         self.config = self.manifest.config
         self.adapted_inputs = self.manifest.uses_model_cp
@@ -175,7 +185,7 @@ class OnnxRuntimeBackend(Backend):
         return out
 
     def _session(self, ort, graph: str, options, cache: Path, trt_max_batch: int):
-        path = self.manifest.graph_path(graph)
+        path = self.manifest.graph_path(graph, self.precision)
         try:
             session = ort.InferenceSession(str(path), sess_options=options,
                                            providers=self._provider_list(graph, cache, trt_max_batch))
@@ -249,6 +259,7 @@ class OnnxRuntimeBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": str(self.device), "providers": list(self.providers),
+                "precision": self.precision,
                 "onnx_dir": str(self.folder), "checkpoint_sha256": self.manifest.checkpoint_sha256}
 
 

@@ -1,8 +1,9 @@
-"""TensorRT backend: serialized FP16 engines (``cellsam-trt build-engines``) run on torch CUDA memory.
+"""TensorRT backend: serialized engines (``cellsam-trt build-engines``) run on torch CUDA memory.
 
-TensorRT 10 Python API only: ``trt.Runtime.deserialize_cuda_engine``, named I/O tensors,
-``context.set_input_shape`` / ``set_tensor_address`` on torch tensors (torch allocates the
-outputs) and ``context.execute_async_v3`` on one torch CUDA stream. No pycuda.
+The part of the Python API that TensorRT 10 and 11 share: ``trt.Runtime.deserialize_cuda_engine``,
+named I/O tensors, ``context.set_input_shape`` / ``set_tensor_address`` on torch tensors
+(torch allocates the outputs; TensorRT its own scratch memory) and
+``context.execute_async_v3`` on one torch CUDA stream. No pycuda, no binding indices.
 
 An engine only runs on the GPU model (compute capability) and TensorRT version it was
 built with; ``engines.json`` records both, plus the checkpoint hash of the ONNX export, and
@@ -38,7 +39,11 @@ from .torch_backend import resolve_device
 
 log = logging.getLogger(__name__)
 
+# Supported: TensorRT 10 and 11 (the same range as pyproject's `tensorrt` extra). 10 is the
+# first with named-tensor execution only; 11 is the newest release, checked against its
+# Python bindings' names. A later major may remove more of the API: it is tried with a warning.
 TENSORRT_MIN_MAJOR = 10
+TENSORRT_MAX_MAJOR = 11
 
 
 def require_tensorrt():
@@ -48,7 +53,7 @@ def require_tensorrt():
     except ImportError as err:
         raise BackendError(
             f"TensorRT is not installed ({err}). On a machine with an NVIDIA GPU and driver install it with "
-            "`pip install 'tensorrt>=10'` (or `pip install -e '.[tensorrt]'`), then build engines with "
+            "`pip install 'tensorrt>=10,<12'` (or `pip install -e '.[tensorrt]'`), then build engines with "
             "`cellsam-trt build-engines`; elsewhere use backend='onnxruntime' or backend='torch'."
         ) from None
     try:
@@ -58,8 +63,11 @@ def require_tensorrt():
     if major < TENSORRT_MIN_MAJOR:
         raise BackendError(
             f"TensorRT {trt.__version__} is too old: cellsam-trt uses the TensorRT {TENSORRT_MIN_MAJOR} API "
-            f"(named tensors, execute_async_v3); upgrade with `pip install 'tensorrt>={TENSORRT_MIN_MAJOR}'`"
+            f"(named tensors, execute_async_v3); upgrade with `pip install 'cellsam-trt[tensorrt]'`"
         )
+    if major > TENSORRT_MAX_MAJOR:
+        log.warning("TensorRT %s is newer than the versions cellsam-trt supports (%d to %d.x); trying it anyway",
+                    trt.__version__, TENSORRT_MIN_MAJOR, TENSORRT_MAX_MAJOR)
     return trt
 
 
