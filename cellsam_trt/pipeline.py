@@ -21,7 +21,7 @@ from . import postprocess as post
 from . import preprocess as pre
 from .config import InferenceConfig
 from .memory import fit_chunk_size
-from .runtime.base import Backend, OutOfDeviceMemory
+from .runtime.base import Backend, OutOfDeviceMemory, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,10 @@ class CellSAM:
                 keep = iou[:, 0] >= opts.iou_threshold
                 # labels follow the kept order, so chunks are painted in order
                 painter.paint(mask_logits[keep, 0], next_label)
-            except OutOfDeviceMemory as err:
+            except RuntimeError as err:
+                # the backend's OutOfDeviceMemory, or the painter's own allocations failing
+                if not (isinstance(err, OutOfDeviceMemory) or is_out_of_memory(err)):
+                    raise
                 if chunk == 1:
                     raise MemoryError(f"one box does not fit in device memory on {backend.device}: {err}") from None
                 chunk = max(1, chunk // 2)

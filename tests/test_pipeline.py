@@ -223,6 +223,26 @@ def test_out_of_memory_halves_the_chunk_and_keeps_labels(session, cell_image, ca
     assert "retrying with 2 boxes per call" in caplog.text
 
 
+def test_painter_out_of_memory_is_retried_like_the_decoders(session, cell_image, monkeypatch):
+    """On a GPU the painter allocates on the device too; its failures halve the chunk."""
+    from cellsam_trt import postprocess
+
+    boxes = user_boxes(12, *cell_image.shape[:2], seed=4)
+    expected = session.segment(cell_image, boxes=boxes)
+    paint = postprocess.MaskPainter.paint
+    sizes = []
+
+    def small_paint(self, logits, first_label):
+        sizes.append(len(logits))
+        if len(logits) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return paint(self, logits, first_label)
+
+    monkeypatch.setattr(postprocess.MaskPainter, "paint", small_paint)
+    np.testing.assert_array_equal(session.segment(cell_image, boxes=boxes, chunk_size=12), expected)
+    assert max(sizes) > 3 and sizes[-1] <= 3
+
+
 def test_out_of_memory_for_one_box_is_an_error_not_partial_labels(session, cell_image):
     fake = _SmallMemoryBackend(session.backend, limit=0)
     with pytest.raises(MemoryError, match="one box does not fit"):

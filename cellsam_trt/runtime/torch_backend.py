@@ -119,12 +119,15 @@ class TorchBackend(Backend):
         try:
             with self._context():
                 masks, iou = self.box_decoder(embedding.to(self.device), boxes.to(self.device, torch.float32))
+            return masks.float(), iou.float()
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError, and cuBLAS/cuDNN allocation failures
             if not is_out_of_memory(err):
                 raise
-            release_cached_memory()
-            raise OutOfDeviceMemory(f"decoder with {len(boxes)} boxes: {type(err).__name__}: {err}") from None
-        return masks.float(), iou.float()
+            message = f"decoder with {len(boxes)} boxes: {type(err).__name__}: {err}"
+        # here the failed call's traceback, which holds its activations, is gone: they can
+        # be given back before the caller retries with fewer boxes
+        release_cached_memory()
+        raise OutOfDeviceMemory(message)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device), "precision": self.precision}
