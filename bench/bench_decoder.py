@@ -5,7 +5,10 @@
     python bench/bench_decoder.py --config cellsam-vit-b --n 256,1024,3500 --device cuda --fp16
 
 Prints one JSON line per (formulation, N): median ms per call and per box, peak GPU memory.
-Random weights: the decoder's cost does not depend on the values.
+A row that runs out of device memory (SAM's call at N = 3500 needs more than an 80 GB GPU
+holds) prints {"error": "out of memory: ..."} instead, and the next row runs; the exit
+status is 3 when some row failed so. Random weights: the decoder's cost does not depend
+on the values.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import time
 
 import torch
 
+from cellsam_trt.bench import row_failure, simulate_oom
 from cellsam_trt.checkpoint import random_network
 from cellsam_trt.config import ModelConfig
 from cellsam_trt.modeling import BoxDecoder
@@ -35,7 +39,20 @@ def time_call(fn, device: torch.device, repeats: int) -> list[float]:
     return samples
 
 
-def main() -> None:
+def measure(fn, embedding, boxes, device: torch.device, autocast, repeats: int) -> dict:
+    """Warm-up call, then ``repeats`` timed calls: median ms per call and per box, peak bytes."""
+    with torch.inference_mode(), autocast:
+        fn(embedding, boxes)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        samples = time_call(lambda: fn(embedding, boxes), device, repeats)
+    median = statistics.median(samples)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"ms_per_call": round(median * 1e3, 2), "ms_per_box": round(median * 1e3 / len(boxes), 3),
+            "peak_gpu_bytes": peak}
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=["tiny", "cellsam-vit-b"], default="cellsam-vit-b")
     parser.add_argument("--n", default="16,64", help="box counts, comma-separated")
@@ -44,26 +61,37 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.fp16 and device.type != "cuda":
+        parser.error("--fp16 runs CUDA autocast; it needs --device cuda")
     sam = random_network(ModelConfig.named(args.config), seed=0).eval().sam.to(device)
     decoder = BoxDecoder(sam.prompt_encoder, sam.mask_decoder)
     g = torch.Generator().manual_seed(0)
     embedding = torch.randn(1, sam.prompt_encoder.embed_dim, 64, 64, generator=g).to(device)
     autocast = torch.autocast("cuda", dtype=torch.float16) if args.fp16 else contextlib.nullcontext()
+    failed = 0
     for n in (int(v) for v in args.n.split(",")):
         corner = torch.rand(n, 2, generator=g) * 900
         boxes = torch.cat([corner, corner + 8 + torch.rand(n, 2, generator=g) * 100], 1).to(device)
         for name, fn in (("sam_repeat", decoder.forward_per_box_repeat), ("shared", decoder.forward)):
-            with torch.inference_mode(), autocast:
-                fn(embedding, boxes)  # warm-up
+            row = {"formulation": name, "n": n, "device": str(device), "fp16": args.fp16, "config": args.config,
+                   "threads": torch.get_num_threads()}
+            failure = None
+            try:
+                simulate_oom(f"decoder/{name}/{n}")
+                row.update(measure(fn, embedding, boxes, device, autocast, args.repeats))
+            except Exception as err:  # out of memory: report the row, go on with the next
+                failure = row_failure(err)
+                if failure is None:
+                    raise
+            if failure is not None:
+                # outside the except block: the traceback no longer holds the failed call's tensors
                 if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                samples = time_call(lambda: fn(embedding, boxes), device, args.repeats)
-            median = statistics.median(samples)
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-            print(json.dumps({"formulation": name, "n": n, "device": str(device), "fp16": args.fp16,
-                              "ms_per_call": round(median * 1e3, 2), "ms_per_box": round(median * 1e3 / n, 3),
-                              "peak_gpu_bytes": peak, "config": args.config, "threads": torch.get_num_threads()}))
+                    torch.cuda.empty_cache()
+                row["error"] = failure
+                failed += 1
+            print(json.dumps(row))
+    return 3 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -64,7 +64,7 @@ from . import preprocess as pre
 from .config import InferenceConfig, ModelConfig
 from .io import atomic_write
 from .pipeline import CellSAM, NoCellsWarning
-from .runtime.base import Backend, BackendError
+from .runtime.base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,10 @@ VERSION = 1
 DEFAULT_NS = (1, 10, 100, 500, 1000, 2000, 3500)
 SMOKE_NS = (1, 10)
 BACKEND_KINDS = ("torch-fp32", "torch-fp16", "onnxruntime", "tensorrt")
+# Comma-separated row names ("torch-fp32/user/10", "baseline/user/10", "decoder/sam_repeat/16")
+# whose measurement raises torch.cuda.OutOfMemoryError: how the per-row handling of a real
+# out-of-memory row is exercised without a GPU (bench/gpu_session.sh with SMOKE=1).
+SIMULATE_OOM_ENV = "CELLSAM_TRT_BENCH_SIMULATE_OOM"
 # stage keys of a run record, in report order
 STAGES = ("preprocess", "cellfinder", "boxes", "encoder", "decoder", "masks", "total")
 SUB_STAGES = ("paint", "cleanup", "decoder_and_masks", "total_excl_clahe")
@@ -183,6 +187,33 @@ def summarize(samples: Sequence[float]) -> dict[str, Any]:
     q1, med, q3 = np.percentile(a, [25, 50, 75])
     return {"median": float(med), "q1": float(q1), "q3": float(q3), "min": float(a.min()), "max": float(a.max()),
             "n": int(a.size), "samples": [float(x) for x in a]}
+
+
+def simulate_oom(row: str) -> None:
+    """Raise torch.cuda.OutOfMemoryError when ``row`` is listed in $CELLSAM_TRT_BENCH_SIMULATE_OOM."""
+    if row in {r.strip() for r in os.environ.get(SIMULATE_OOM_ENV, "").split(",")}:
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated for {row} by ${SIMULATE_OOM_ENV})")
+
+
+def row_failure(err: BaseException) -> str | None:
+    """The reason a bench row failed, for the report, when it should not stop the bench:
+    out of memory (the pipeline's MemoryError, or a device allocation failure from any
+    library) or a backend that cannot run; None for anything else (a bug: raise)."""
+    if isinstance(err, OutOfDeviceMemory) or is_out_of_memory(err):
+        kind = "out of memory"
+    elif isinstance(err, BackendError):
+        kind = "backend error"
+    else:
+        return None
+    return f"{kind}: {type(err).__name__}: {str(err).strip()[:500]}"
+
+
+def _release_device_memory(device: torch.device) -> None:
+    """Give cached blocks back after a failed row (call it outside the ``except`` block:
+    the exception's traceback keeps the failed call's tensors alive until then)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 class DeviceClock:
@@ -883,10 +914,19 @@ def run_bench(opts: BenchOptions, network=None) -> dict[str, Any]:
                 report["skipped"].append({"what": kind, "boxes": source, "n": n, "reason": f"capped at N <= {cap}"})
                 continue
             log.info("%s, %s boxes, N=%s", kind, source, n)
+            failure = None
             try:
+                simulate_oom(f"{kind}/{source}/{n}")
                 record, labels = measure_pipeline(session, clock, image, boxes, opts.warmup, opts.repeats, clahe_seconds)
-            except (MemoryError, BackendError) as err:
-                report["skipped"].append({"what": kind, "boxes": source, "n": n, "reason": f"{type(err).__name__}: {err}"})
+            except Exception as err:  # one failed row (out of memory, say) must not end the bench
+                failure = row_failure(err)
+                if failure is None:
+                    raise
+            if failure is not None:
+                clock.collect()  # drop the failed row's pending events
+                _release_device_memory(device)
+                log.warning("%s, %s boxes, N=%s failed: %s", kind, source, n, failure)
+                report["skipped"].append({"what": kind, "boxes": source, "n": n, "reason": failure})
                 continue
             record.update(backend=kind, boxes=source)
             report["runs"].append(record)
@@ -906,8 +946,20 @@ def run_bench(opts: BenchOptions, network=None) -> dict[str, Any]:
                 report["skipped"].append({"what": "baseline", "boxes": source, "n": count, "reason": f"capped at N <= {cap}"})
                 continue
             log.info("baseline, %s boxes, N=%s", source, count)
-            record, reference = measure_baseline(network, image, boxes, device, min(opts.warmup, 1),
-                                                 opts.baseline_repeats, cell_masks, inference)
+            failure = None
+            try:
+                simulate_oom(f"baseline/{source}/{n}")
+                record, reference = measure_baseline(network, image, boxes, device, min(opts.warmup, 1),
+                                                     opts.baseline_repeats, cell_masks, inference)
+            except Exception as err:
+                failure = row_failure(err)
+                if failure is None:
+                    raise
+            if failure is not None:
+                _release_device_memory(device)
+                log.warning("baseline, %s boxes, N=%s failed: %s", source, count, failure)
+                report["skipped"].append({"what": "baseline", "boxes": source, "n": count, "reason": failure})
+                continue
             record["boxes"] = source
             report["baseline"].append(record)
             for (kind, src, requested), labels in ours_labels.items():
@@ -919,21 +971,41 @@ def run_bench(opts: BenchOptions, network=None) -> dict[str, Any]:
                     })
 
     report["speedup"] = speedups(report)
+    # the sections after the timed rows: one that runs out of memory is listed under
+    # "skipped" and the report is still written
     if opts.painter:
         log.info("painter micro-benchmark")
-        report["painter"] = {
+        report["painter"] = _section(report, "painter", device, lambda: {
             "out_shape": [1024, 1024], "low_res": 256, "device": str(device),
             "rows": painter_bench(opts.painter_ns, device, per_box_max_n=opts.caps.get("baseline", 200),
                                   repeats=opts.preprocess_repeats),
-        }
+        })
     if device.type == "cuda" and "torch-fp16" in opts.backends:
         log.info("fp16 accuracy against fp32")
-        report["precision"] = fp16_accuracy(network, image, inference, device, opts.seed)
+        report["precision"] = _section(report, "precision", device,
+                                       lambda: fp16_accuracy(network, image, inference, device, opts.seed))
     if opts.throughput:
         log.info("large-image throughput, single process vs 2 dask workers")
-        report["throughput"] = large_image_throughput(opts, device)
+        report["throughput"] = _section(report, "throughput", device, lambda: large_image_throughput(opts, device))
     report["bench_seconds"] = time.perf_counter() - t_start
     return report
+
+
+def _section(report: dict[str, Any], what: str, device: torch.device, measure):
+    """``measure()``, or None with the reason under report["skipped"] when it fails as a
+    bench row may (``row_failure``)."""
+    failure = None
+    try:
+        simulate_oom(what)
+        return measure()
+    except Exception as err:
+        failure = row_failure(err)
+        if failure is None:
+            raise
+    _release_device_memory(device)
+    log.warning("%s failed: %s", what, failure)
+    report["skipped"].append({"what": what, "reason": failure})
+    return None
 
 
 def fp16_accuracy(network, image: np.ndarray, inference: InferenceConfig, device: torch.device,
@@ -1109,7 +1181,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines += precision_markdown(report.get("precision"))
     lines += throughput_markdown(report.get("throughput"))
     skipped = [f"- {k}: {v['reason']}" for k, v in report["backends"].items() if v["status"] != "ok"]
-    skipped += [f"- {s['what']} {s.get('boxes', '')} N={s.get('n')}: {s['reason']}" for s in report["skipped"]]
+    skipped += [f"- {s['what']}" + (f" {s['boxes']} N={s.get('n')}" if "boxes" in s else "") + f": {s['reason']}"
+                for s in report["skipped"]]
     if skipped:
         lines += ["", "## Not measured", ""] + skipped
     lines += ["", f"Bench wall time {report.get('bench_seconds', 0):.0f} s. Git: {(m.get('git') or {}).get('commit')}"

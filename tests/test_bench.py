@@ -278,3 +278,79 @@ def test_precision_section_lists_each_box_source(steered_tiny, cell_image):
     cells = same["labels"]["reference_cells"]
     assert f"| {cells} / {cells} | 1.0000 | 1.0000 | 1.0000 | 1.0000 |" in row
     assert bench.precision_markdown(None) == []
+
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+])
+def test_a_row_out_of_device_memory_is_reported_and_the_bench_goes_on(steered_tiny, tmp_path, monkeypatch, error):
+    from dataclasses import replace
+
+    measure = bench.measure_pipeline
+
+    def failing_at_ten(session, clock, image, boxes, *args, **kwargs):
+        if boxes is not None and len(boxes) == 10:
+            raise error
+        return measure(session, clock, image, boxes, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_pipeline", failing_at_ten)
+    opts = replace(bench.smoke_options(str(tmp_path)), backends=("torch-fp32",), throughput=None, painter=False)
+    report = bench.run_bench(opts, network=copy.deepcopy(steered_tiny))
+    assert [(r["backend"], r["n"]) for r in report["runs"]] == [("torch-fp32", 1)]
+    failed = [s for s in report["skipped"] if s["what"] == "torch-fp32"]
+    assert len(failed) == 1 and failed[0]["n"] == 10 and failed[0]["reason"].startswith("out of memory")
+    assert {b["n"] for b in report["baseline"]} == {1, 10}  # the rows after it still ran
+    assert "torch-fp32 user N=10: out of memory" in bench.markdown_report(report)
+
+
+def test_a_row_failing_for_another_reason_stops_the_bench(steered_tiny, tmp_path, monkeypatch):
+    """Only out-of-memory and backend errors are row failures: a bug must not hide in the report."""
+    from dataclasses import replace
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x4)")
+
+    monkeypatch.setattr(bench, "measure_pipeline", broken)
+    opts = replace(bench.smoke_options(str(tmp_path)), backends=("torch-fp32",), throughput=None, painter=False,
+                   baseline=False)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        bench.run_bench(opts, network=copy.deepcopy(steered_tiny))
+
+
+def test_simulated_out_of_memory_names_rows(monkeypatch):
+    monkeypatch.setenv(bench.SIMULATE_OOM_ENV, "decoder/sam_repeat/16, torch-fp32/user/10")
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
+        bench.simulate_oom("torch-fp32/user/10")
+    bench.simulate_oom("torch-fp32/user/1")  # not listed: nothing happens
+    monkeypatch.delenv(bench.SIMULATE_OOM_ENV)
+    bench.simulate_oom("torch-fp32/user/10")
+
+
+def test_decoder_bench_reports_an_out_of_memory_row_and_goes_on(monkeypatch, capsys):
+    """bench/bench_decoder.py: SAM's call at N = 3500 does not fit an 80 GB GPU; the rows
+    after it must still be measured."""
+    import importlib.util
+    from pathlib import Path
+
+    from cellsam_trt.modeling import BoxDecoder
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_decoder.py"
+    spec = importlib.util.spec_from_file_location("bench_decoder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    repeat = BoxDecoder.forward_per_box_repeat
+
+    def out_of_memory_at_16(self, embedding, boxes):
+        if len(boxes) == 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 70.00 GiB")
+        return repeat(self, embedding, boxes)
+
+    monkeypatch.setattr(BoxDecoder, "forward_per_box_repeat", out_of_memory_at_16)
+    monkeypatch.setattr("sys.argv", ["bench_decoder.py", "--config", "tiny", "--n", "4,16", "--repeats", "1",
+                                     "--device", "cpu"])
+    assert module.main() == 3
+    rows = {(r["formulation"], r["n"]): r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert set(rows) == {(f, n) for f in ("sam_repeat", "shared") for n in (4, 16)}
+    assert rows[("sam_repeat", 16)]["error"].startswith("out of memory: OutOfMemoryError")
+    assert all(rows[key]["ms_per_call"] > 0 for key in rows if key != ("sam_repeat", 16))
