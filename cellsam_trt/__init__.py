@@ -5,7 +5,7 @@
 """
 from .checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
 from .config import InferenceConfig, ModelConfig
-from .pipeline import CellSAM, NoCellsWarning, SegmentationDetails, segment
+from .pipeline import CellSAM, NoCellsWarning, SegmentationDetails, segment, unload
 
 __version__ = "0.1.0"
 
@@ -18,5 +18,6 @@ __all__ = [
     "SegmentationDetails",
     "load_checkpoint",
     "segment",
+    "unload",
     "write_random_checkpoint",
 ]

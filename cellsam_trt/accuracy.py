@@ -31,7 +31,8 @@ def label_agreement(reference: Any, test: Any, match_iou: float = 0.5) -> dict[s
     Returns:
         reference_cells, test_cells, matched, f1 (2 * matched / (reference_cells +
         test_cells); 1.0 when both are empty), and over the matched cells iou_mean,
-        iou_min, iou_p5 (None when nothing matched), plus differing_pixels.
+        iou_min, iou_p5 (None when nothing matched), plus differing_pixels and
+        foreground_agreement (fraction of pixels both call foreground or both background).
     """
     ref = _as_labels("reference", reference)
     out = _as_labels("test", test)
@@ -55,7 +56,8 @@ def label_agreement(reference: Any, test: Any, match_iou: float = 0.5) -> dict[s
         if len(matched) else {"iou_mean": None, "iou_min": None, "iou_p5": None}
     )
     return {"reference_cells": n_ref, "test_cells": n_out, "matched": int(len(matched)), "f1": float(f1), **stats,
-            "differing_pixels": int((ref != out).sum())}
+            "differing_pixels": int((ref != out).sum()),
+            "foreground_agreement": float(((ref > 0) == (out > 0)).mean())}
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

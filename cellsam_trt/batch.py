@@ -295,7 +295,9 @@ def run(args: argparse.Namespace) -> int:
     done, cells, empty = 0, 0, 0
     if todo:
         dirs = {k: v for k, v in (("onnx_dir", args.onnx_dir), ("engine_dir", args.engine_dir)) if v is not None}
-        session = CellSAM.from_checkpoint(args.checkpoint, backend=args.backend, device=args.device, **dirs)
+        session = CellSAM.from_checkpoint(args.checkpoint, backend=args.backend, device=args.device,
+                                          cache=args.cache_dir, build=False if args.no_build else None, **dirs)
+        log.info("backend %s on %s", session.backend.name, session.backend.device)
         from tqdm import tqdm
 
         bar = tqdm(todo, desc="segmenting", unit="image", disable=args.no_progress)
@@ -340,11 +342,15 @@ def register(subparsers) -> None:
                    help="image files (.tif/.tiff/OME-TIFF, .png, .jpg, .npy, .zarr), folders or glob patterns")
     p.add_argument("-o", "--outdir", required=True, help="output folder (created if needed)")
     p.add_argument("--checkpoint", help="CellSAM weights (default: ~/.deepcell/models/cellsam_v1.2/cellsam_general.pt)")
-    p.add_argument("--backend", default="torch", choices=BACKENDS,
-                   help="engine kind (default torch); onnxruntime needs --onnx-dir, tensorrt --engine-dir, auto "
-                        "takes the fastest of them that loads")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="engine kind (default auto: TensorRT on a GPU where engines build, else ONNX Runtime, "
+                        "else torch); graphs and engines come from --onnx-dir / --engine-dir, else from the "
+                        "artifact cache, made on first use")
     p.add_argument("--onnx-dir", help="export folder of `cellsam-trt export` (backends onnxruntime, auto)")
     p.add_argument("--engine-dir", help="engine folder of `cellsam-trt build-engines` (backends tensorrt, auto)")
+    p.add_argument("--cache-dir", help="artifact cache folder (default: $CELLSAM_TRT_CACHE or the user cache folder)")
+    p.add_argument("--no-build", action="store_true",
+                   help="never export graphs or build engines here: use what the cache or the folders hold")
     p.add_argument("--device", help="torch device (default: cuda if available)")
     p.add_argument("--channel-axis", type=int, help="axis of the channels (default: the smallest axis)")
     p.add_argument("--nuclear-channel", type=int, metavar="I", help="index of the nuclear channel on the channel axis")

@@ -50,6 +50,8 @@ from .runtime.artifacts import (
 log = logging.getLogger(__name__)
 
 OPSET = 17
+# Recorded in the manifest and in the artifact cache's keys: another exporter, another graph.
+EXPORTER = "torch.onnx.export(dynamo=False)"
 # ONNX's protobuf limit: larger graphs keep their weights in a side file.
 PROTOBUF_LIMIT = 2 ** 31 - 1
 
@@ -353,8 +355,11 @@ def export_network(
 
     modules = graph_modules(network)
     entries = {}
+    bar = _graph_progress(graphs)
     for name in graphs:
         log.info("exporting %s", name)
+        if bar is not None:
+            bar.set_postfix_str(name)
         entries[name] = export_graph(modules[name], name, network.config, out / GRAPH_SPECS[name].onnx_file,
                                      opset=opset, batch=batch, num_boxes=num_boxes)
         fp16_path = out / GRAPH_SPECS[name].fp16_onnx_file
@@ -366,6 +371,10 @@ def export_network(
                 raise ExportError(f"{name}: {err}") from err
         elif fp16_path.exists():
             fp16_path.unlink()  # an earlier export's, not from these weights
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -374,13 +383,23 @@ def export_network(
         "model_config": network.config.to_dict(),
         "uses_model_cp": bool(network.uses_model_cp),
         "opset": opset,
-        "exporter": "torch.onnx.export(dynamo=False)",
+        "exporter": EXPORTER,
         "precisions": ["fp32", "fp16"] if fp16 else ["fp32"],
         "graphs": entries,
         "tools": tool_versions(),
     }
     write_manifest(out, manifest)
     return manifest
+
+
+def _graph_progress(graphs: Sequence[str]):
+    """A progress bar over the graphs when ``CELLSAM_TRT_PROGRESS=1`` (set by the artifact cache,
+    whose export child would otherwise be silent for a minute), else None."""
+    if os.environ.get("CELLSAM_TRT_PROGRESS") != "1":
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=len(graphs), desc="exporting ONNX graphs", unit="graph", file=sys.stderr)
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
@@ -418,6 +437,8 @@ def export_checkpoint(
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    if args.out is None:
+        return fill_cache(args)
     config = ModelConfig.named(args.config) if args.config else None
     manifest = export_checkpoint(args.checkpoint, args.out, config=config, download=args.download,
                                  graphs=args.graphs, opset=args.opset, fp16=not args.no_fp16)
@@ -435,9 +456,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def fill_cache(args: argparse.Namespace) -> int:
+    """``cellsam-trt export`` without ``--out``: the artifact cache's entry for the checkpoint
+    (exported now unless present), e.g. to pre-build once on a shared file system."""
+    from .cache import ArtifactCache
+    from .checkpoint import DEFAULT_CHECKPOINT, download_weights, find_checkpoint
+
+    custom = [flag for flag, used in (("--graphs", list(args.graphs) != list(GRAPH_NAMES)), ("--opset", args.opset != OPSET),
+                                      ("--no-fp16", args.no_fp16)) if used]
+    if custom:
+        raise ValueError(f"{', '.join(custom)}: only with --out (the cache holds complete default exports)")
+    if args.checkpoint is None and args.download and not DEFAULT_CHECKPOINT.is_file():
+        download_weights()
+    cache = ArtifactCache(args.cache_dir, build=True)
+    folder = cache.onnx_dir(find_checkpoint(args.checkpoint), config=args.config)
+    print(f"ONNX graphs of {args.checkpoint or DEFAULT_CHECKPOINT} in the cache: {folder}")
+    return 0
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="CellSAM weights (default: ~/.deepcell/models/cellsam_v1.2/cellsam_general.pt)")
-    p.add_argument("--out", required=True, help="output folder for the .onnx files and manifest.json")
+    p.add_argument("--out", help="output folder for the .onnx files and manifest.json (default: the artifact "
+                   "cache, where backend='auto' finds them; see `cellsam-trt cache list`)")
+    p.add_argument("--cache-dir", help="artifact cache folder without --out (default: $CELLSAM_TRT_CACHE or the "
+                   "user cache folder)")
     p.add_argument("--graphs", nargs="+", choices=GRAPH_NAMES, default=list(GRAPH_NAMES),
                    help="graphs to export (default: all three)")
     p.add_argument("--config", choices=["cellsam-vit-b", "tiny"], help="architecture (default: inferred from the weights)")

@@ -44,6 +44,7 @@ class SegmentationDetails:
         embedding: (1, C, 64, 64) float32 image embedding.
         num_candidates: boxes sent to the decoder (before the IoU filter).
         timings: seconds per stage.
+        backend: the backend that ran ("torch", "onnxruntime" or "tensorrt").
     """
 
     boxes: np.ndarray
@@ -53,6 +54,7 @@ class SegmentationDetails:
     embedding: np.ndarray
     num_candidates: int
     timings: dict[str, float] = field(default_factory=dict)
+    backend: str = ""
 
 
 @dataclass
@@ -136,20 +138,33 @@ class CellSAM:
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: Any = None, *, backend: str = "torch", device: str | torch.device | None = None,
-        download: bool = False, options: InferenceConfig | None = None, **backend_options: Any,
+        cls, checkpoint: Any = None, *, backend: str = "auto", device: str | torch.device | None = None,
+        download: bool = False, options: InferenceConfig | None = None, cache: Any = None,
+        build: bool | None = None, **backend_options: Any,
     ) -> "CellSAM":
         """Load weights (released format) and build the chosen backend.
 
         Args:
             checkpoint: path, or None for ``~/.deepcell/models/cellsam_v1.2/cellsam_general.pt``.
-            backend: "torch" (others: see ``cellsam_trt.runtime``).
+            backend: "auto" (default: TensorRT, else ONNX Runtime, else torch; see
+                ``cellsam_trt.runtime.create_backend``), "tensorrt", "onnxruntime" or "torch".
+                The ONNX graphs and TensorRT engines come from ``onnx_dir=`` /
+                ``engine_dir=`` when given, else from the artifact cache, which makes them
+                on first use (``cellsam_trt.cache``; ViT-B: about a minute to export).
             device: torch device; default CUDA when available.
             download: fetch the released weights when absent (needs DEEPCELL_ACCESS_TOKEN).
+            options: default thresholds and chunk size.
+            cache: artifact cache root (default ``$CELLSAM_TRT_CACHE`` or the user cache folder).
+            build: allow making missing graphs / engines (default: yes, unless
+                ``CELLSAM_TRT_NO_BUILD=1``).
+            **backend_options: ``onnx_dir``, ``engine_dir`` and options of the backend
+                (onnxruntime: providers, threads, max_decoder_boxes; torch: precision).
         """
         from .runtime import create_backend
 
-        return cls(create_backend(backend, checkpoint=checkpoint, device=device, download=download, **backend_options), options)
+        made = create_backend(backend, checkpoint=checkpoint, device=device, download=download, cache=cache,
+                              build=build, **backend_options)
+        return cls(made, options)
 
     @classmethod
     def from_network(cls, network: Any, *, device: str | torch.device | None = None, options: InferenceConfig | None = None) -> "CellSAM":
@@ -360,6 +375,7 @@ class CellSAM:
             embedding=embedding.cpu().numpy(),
             num_candidates=len(boxes_model),
             timings=timer.timings,
+            backend=self.backend.name,
         )
         return labels, details
 
@@ -450,28 +466,87 @@ def _labels_of_boxes(before: np.ndarray, after: np.ndarray, count: int) -> np.nd
     return out
 
 
+_SESSION_LOCK = threading.Lock()
+_LAST_SESSION: dict[str, Any] = {}
+
+
+def _session_key(checkpoint: Any, backend: str, device: Any, backend_options: dict[str, Any]) -> tuple:
+    """What identifies the session ``segment()`` would load (the weights file by path, size and mtime)."""
+    from .checkpoint import find_checkpoint
+
+    path = find_checkpoint(checkpoint)
+    stat = path.stat()
+    from .runtime import resolve_device
+
+    resolved = str(resolve_device(device))
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, backend, resolved,
+            tuple(sorted((k, repr(v)) for k, v in backend_options.items())))
+
+
+def _loaded_session(checkpoint: Any, backend: str, device: Any, download: bool,
+                    backend_options: dict[str, Any]) -> CellSAM:
+    """The session for these arguments, loaded once and kept for the next ``segment()`` call."""
+    from .checkpoint import DEFAULT_CHECKPOINT
+
+    if checkpoint is None and download and not DEFAULT_CHECKPOINT.is_file():
+        from .checkpoint import download_weights
+
+        download_weights()
+    key = _session_key(checkpoint, backend, device, backend_options)
+    with _SESSION_LOCK:
+        if _LAST_SESSION.get("key") != key:
+            _LAST_SESSION.clear()  # one session at a time: free the old weights before loading new ones
+            _LAST_SESSION["session"] = CellSAM.from_checkpoint(checkpoint, backend=backend, device=device,
+                                                               **backend_options)
+            _LAST_SESSION["key"] = key
+        return _LAST_SESSION["session"]
+
+
+def unload() -> None:
+    """Free the session that ``segment()`` keeps between calls (weights, graphs, engines)."""
+    with _SESSION_LOCK:
+        _LAST_SESSION.clear()
+
+
 def segment(
     image: Any,
     *,
     checkpoint: Any = None,
     model: Any = None,
-    backend: str = "torch",
+    backend: str = "auto",
     device: str | torch.device | None = None,
     boxes: Any = None,
     bbox_threshold: float | None = None,
     return_details: bool = False,
+    onnx_dir: Any = None,
+    engine_dir: Any = None,
+    cache: Any = None,
+    build: bool | None = None,
+    download: bool = False,
     **options: Any,
 ) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
-    """Segment cells in one image (convenience wrapper; use ``CellSAM`` for many images).
+    """Segment cells in one image with the fastest backend this machine has.
+
+    The first call loads the weights (and, on first use of a checkpoint, exports its ONNX
+    graphs, or builds TensorRT engines on a GPU, into the artifact cache: see
+    ``cellsam_trt.cache``); the session is kept, so later calls with the same arguments
+    only segment. ``unload()`` frees it. For explicit control use ``CellSAM``.
 
     Args:
-        image: (H, W) or (H, W, C<=3), any real dtype.
+        image: (H, W) or (H, W, C<=3) / (C, H, W), any real dtype.
         checkpoint: weights file (released format); default ``~/.deepcell/models/...``.
         model: a ``CellSAM`` session or a ``CellSAMNetwork`` instead of ``checkpoint``.
-        backend, device: engine kind and device when loading ``checkpoint``.
+        backend: "auto" (TensorRT, else ONNX Runtime, else torch), or one of them by name.
+        device: torch device (default: CUDA when available).
         boxes: optional (N, 4) x1, y1, x2, y2 in image pixels (skips CellFinder).
         bbox_threshold: CellFinder confidence weight (default: the session's, 0.4).
-        return_details: also return ``SegmentationDetails``.
+        return_details: also return ``SegmentationDetails`` (``details.backend`` names the
+            backend that ran).
+        onnx_dir, engine_dir: use these export / engine folders instead of the cache.
+        cache: artifact cache root (default ``$CELLSAM_TRT_CACHE`` or the user cache folder).
+        build: allow making missing graphs / engines (default: yes, unless
+            ``CELLSAM_TRT_NO_BUILD=1``).
+        download: fetch the released weights when absent.
         **options: forwarded to ``CellSAM.segment`` (normalize, postprocess, chunk_size, ...).
 
     Returns:
@@ -486,7 +561,9 @@ def segment(
     elif isinstance(model, CellSAMNetwork):
         session = CellSAM.from_network(model, device=device)
     elif model is None:
-        session = CellSAM.from_checkpoint(checkpoint, backend=backend, device=device)
+        backend_options = {k: v for k, v in (("onnx_dir", onnx_dir), ("engine_dir", engine_dir), ("cache", cache),
+                                             ("build", build)) if v is not None}
+        session = _loaded_session(checkpoint, backend, device, download, backend_options)
     else:
         raise TypeError(f"model: expected a CellSAM session or CellSAMNetwork, got {type(model).__name__}")
     return session.segment(image, boxes=boxes, bbox_threshold=bbox_threshold, return_details=return_details, **options)

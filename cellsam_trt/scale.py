@@ -133,7 +133,11 @@ class CellSAMWorkerPlugin(_PluginBase):
         checkpoint: weights file (or engine folder) every worker can read; None: the default
             location of the released weights.
         backend, device, backend_options: as ``CellSAM.from_checkpoint`` (device None: see
-            ``worker_device``).
+            ``worker_device``). With "auto" (default) each worker takes the graphs or engines
+            from the artifact cache; workers asking for the same missing entry make it once
+            (a file lock), the others wait and reuse it. On a cluster, put the cache on a
+            shared file system (``CELLSAM_TRT_CACHE``) and fill it beforehand with
+            ``cellsam-trt export`` (and ``build-engines`` on a GPU node).
         options: ``InferenceConfig`` thresholds.
         torch_threads: torch intra-op threads for the worker's process (CPU workers: cores
             per worker; in-process workers share one setting).
@@ -141,7 +145,7 @@ class CellSAMWorkerPlugin(_PluginBase):
 
     idempotent = True  # registering the same configuration again keeps the loaded sessions
 
-    def __init__(self, checkpoint: str | None = None, backend: str = "torch", device: str | None = None,
+    def __init__(self, checkpoint: str | None = None, backend: str = "auto", device: str | None = None,
                  backend_options: dict | None = None, options: Any = None, torch_threads: int | None = None) -> None:
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.torch_threads = torch_threads
@@ -193,7 +197,7 @@ def worker_session(name: str) -> Any:
     return plugin.session
 
 
-def prepare_workers(client: Any, checkpoint: str | os.PathLike | None = None, *, backend: str = "torch",
+def prepare_workers(client: Any, checkpoint: str | os.PathLike | None = None, *, backend: str = "auto",
                     device: str | None = None, backend_options: dict | None = None, options: Any = None,
                     torch_threads: int | None = None) -> str:
     """Register the session plugin (each worker loads the model once); returns its name.
@@ -351,7 +355,7 @@ def segment_dask(
     *,
     output: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
     device: str | None = None,
     backend_options: dict | None = None,
     options: Any = None,

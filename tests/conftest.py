@@ -1,3 +1,4 @@
+import os
 import warnings
 
 import numpy as np
@@ -28,3 +29,15 @@ def _no_unexpected_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _artifact_cache(tmp_path_factory):
+    """A fresh artifact cache for the test session (never the user's); subprocesses inherit it."""
+    old = os.environ.get("CELLSAM_TRT_CACHE")
+    os.environ["CELLSAM_TRT_CACHE"] = str(tmp_path_factory.mktemp("artifact_cache"))
+    yield
+    if old is None:
+        os.environ.pop("CELLSAM_TRT_CACHE", None)
+    else:
+        os.environ["CELLSAM_TRT_CACHE"] = old

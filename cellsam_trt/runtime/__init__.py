@@ -1,6 +1,7 @@
 """Engine backends behind one interface (``Backend``)."""
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 from pathlib import Path
@@ -20,48 +21,51 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 
 
 def create_backend(
-    kind: str = "torch", *, checkpoint: Any = None, device: str | torch.device | None = None,
-    download: bool = False, **options: Any,
+    kind: str = "auto", *, checkpoint: Any = None, device: str | torch.device | None = None,
+    download: bool = False, cache: Any = None, build: bool | None = None, **options: Any,
 ) -> Backend:
     """Build a backend by name.
 
     Args:
-        kind: one of ``BACKENDS``. "onnxruntime" needs ``onnx_dir=`` (``cellsam-trt export``),
-            "tensorrt" needs ``engine_dir=`` (``cellsam-trt build-engines``). "auto" takes
-            TensorRT engines if present and loadable, else ONNX Runtime if an export is
-            present, else torch (engines are looked for in ``engine_dir``, then ``onnx_dir``).
-        checkpoint: weights file in the released format (None: the default location). With
-            onnxruntime/tensorrt it is optional and, when given, the graphs or engines must
-            have been made from it (sha256 in their manifest).
-        device: torch device for inputs/outputs and post-processing.
-        download: fetch the released weights if absent (torch).
+        kind: one of ``BACKENDS``.
+            "auto" (default): TensorRT engines where they build or load on this GPU, else
+            ONNX Runtime (the CUDA provider with onnxruntime-gpu on a GPU, the CPU provider
+            on the CPU), else torch. On a GPU whose onnxruntime has no CUDA provider, torch
+            on the GPU is chosen over ONNX Runtime on the CPU. Each backend that is passed
+            over is logged with the reason.
+            "onnxruntime" / "tensorrt": the graphs or engines in ``onnx_dir`` /
+            ``engine_dir`` when given, else those of the artifact cache, made on first use.
+            "torch": the PyTorch modules, eager.
+        checkpoint: weights file in the released format (None: the default location).
+            Graphs and engines must have been made from it (sha256 in their manifest).
+        device: torch device for inputs/outputs and post-processing (default: CUDA when
+            torch sees a GPU).
+        download: fetch the released weights if absent.
+        cache: the artifact cache (an ``ArtifactCache``, or its root folder; default
+            ``$CELLSAM_TRT_CACHE`` or the user cache folder).
+        build: allow exporting graphs / building engines into the cache (default: yes,
+            unless ``CELLSAM_TRT_NO_BUILD=1``).
         **options: ``onnx_dir``, ``engine_dir``, and backend-specific options
             (torch: precision; onnxruntime: providers, max_decoder_boxes, threads;
             tensorrt: verify_hashes). With "auto", options a backend does not take are
             not passed to it.
+
+    Raises:
+        BackendError: an explicitly chosen backend cannot be made (the message names the
+            cause: no graphs and building off, export failed, TensorRT missing, ...).
     """
     if kind not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {kind!r}")
     onnx_dir = options.pop("onnx_dir", None)
     engine_dir = options.pop("engine_dir", None)
+    builder = _Builder(checkpoint, device, download, cache, build)
     if kind == "onnxruntime":
-        if onnx_dir is None:
-            raise ValueError("onnx_dir: backend 'onnxruntime' needs the export folder (cellsam-trt export --out DIR)")
-        return OnnxRuntimeBackend(onnx_dir, checkpoint=checkpoint, device=device, **options)
+        return builder.onnxruntime(onnx_dir, options)
     if kind == "tensorrt":
-        engine_dir = engine_dir if engine_dir is not None else onnx_dir
-        if engine_dir is None:
-            raise ValueError("engine_dir: backend 'tensorrt' needs the engine folder (cellsam-trt build-engines --out DIR)")
-        return TensorRTBackend(engine_dir, checkpoint=checkpoint, device=device, **options)
+        return builder.tensorrt(engine_dir if engine_dir is not None else onnx_dir, options)
     if kind == "auto":
-        return _auto_backend(checkpoint, device, download, onnx_dir, engine_dir, options)
-    return _torch_backend(checkpoint, device, download, options)
-
-
-def _torch_backend(checkpoint: Any, device: Any, download: bool, options: dict[str, Any]) -> TorchBackend:
-    from ..checkpoint import load_checkpoint
-
-    return TorchBackend(load_checkpoint(checkpoint, download=download), device=device, **options)
+        return builder.auto(onnx_dir, engine_dir, options)
+    return builder.torch(options)
 
 
 def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
@@ -69,26 +73,116 @@ def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in params}
 
 
-def _auto_backend(checkpoint: Any, device: Any, download: bool, onnx_dir: Any, engine_dir: Any,
-                  options: dict[str, Any]) -> Backend:
-    """TensorRT if its engines load here, else ONNX Runtime if an export is present, else torch.
+class _Builder:
+    """Makes one backend from a checkpoint, through the artifact cache where no folder is given."""
 
-    A present artefact that is refused (other GPU, other checkpoint, corrupt file) is
-    logged as a warning with the reason before falling back.
-    """
-    engines = engine_dir if engine_dir is not None else onnx_dir
-    if engines is not None and (Path(engines).expanduser() / ENGINE_METADATA_NAME).is_file():
+    def __init__(self, checkpoint: Any, device: Any, download: bool, cache: Any, build: bool | None) -> None:
+        self.checkpoint = checkpoint
+        self.device = device
+        self.download = download
+        self._cache = cache
+        self.build = build
+
+    @property
+    def cache(self):
+        from ..cache import ArtifactCache
+
+        if not isinstance(self._cache, ArtifactCache):
+            self._cache = ArtifactCache(self._cache, build=self.build)
+        return self._cache
+
+    def checkpoint_file(self) -> Path:
+        """The weights file (downloaded first when asked and absent); CheckpointError if missing."""
+        from ..checkpoint import DEFAULT_CHECKPOINT, download_weights, find_checkpoint
+
+        if self.checkpoint is None and self.download and not DEFAULT_CHECKPOINT.is_file():
+            download_weights()
+        return find_checkpoint(self.checkpoint)
+
+    def torch(self, options: dict[str, Any]) -> TorchBackend:
+        from ..checkpoint import load_checkpoint
+
+        return TorchBackend(load_checkpoint(self.checkpoint, download=self.download), device=self.device, **options)
+
+    def onnxruntime(self, onnx_dir: Any, options: dict[str, Any]) -> OnnxRuntimeBackend:
+        if onnx_dir is not None:
+            return OnnxRuntimeBackend(onnx_dir, checkpoint=self.checkpoint, device=self.device, **options)
+        folder = self.cache.onnx_dir(self.checkpoint_file())
+        # The cache has just checked the manifest (file hashes, checkpoint sha256).
+        options = {"verify_hashes": False, **options}
+        return OnnxRuntimeBackend(folder, device=self.device, **options)
+
+    def tensorrt(self, engine_dir: Any, options: dict[str, Any]) -> TensorRTBackend:
+        if engine_dir is not None:
+            return TensorRTBackend(engine_dir, checkpoint=self.checkpoint, device=self.device, **options)
+        from ..cache import EngineRequest
+        from .tensorrt_backend import current_gpu, require_tensorrt
+
+        trt = require_tensorrt()
+        device = resolve_device(self.device)
+        if device.type != "cuda":
+            raise BackendError(f"device: TensorRT engines run on a CUDA GPU, not {device}")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        request = EngineRequest(gpu=current_gpu(device), tensorrt_version=str(trt.__version__), device=index)
+        folder = self.cache.engine_dir(self.checkpoint_file(), request)
+        options = {"verify_hashes": False, **options}
+        return TensorRTBackend(folder, device=device, **options)
+
+    def auto(self, onnx_dir: Any, engine_dir: Any, options: dict[str, Any]) -> Backend:
+        """TensorRT, else ONNX Runtime, else torch; logs why each faster one was passed over."""
+        device = resolve_device(self.device)
+        passed_over: list[str] = []
+        if device.type == "cuda" and importlib.util.find_spec("tensorrt") is None:
+            passed_over.append("tensorrt: not installed (pip install 'cellsam-trt[tensorrt]')")
+        elif device.type == "cuda":
+            engines = engine_dir if engine_dir is not None else onnx_dir
+            if engines is not None and not (Path(engines).expanduser() / ENGINE_METADATA_NAME).is_file():
+                engines = None  # an export folder without engines: build them into the cache
+            backend = self._attempt("tensorrt", lambda: self.tensorrt(engines, _accepted(TensorRTBackend, options)),
+                                    passed_over)
+            if backend is not None:
+                return backend
+        else:
+            passed_over.append(f"tensorrt: needs a CUDA GPU (device {device})")
+        ort_options = _accepted(OnnxRuntimeBackend, options)
+        if device.type == "cuda" and "providers" not in ort_options:
+            if not _onnxruntime_has_cuda():
+                passed_over.append("onnxruntime: no CUDA provider (install onnxruntime-gpu); torch on the GPU "
+                                   "is faster than ONNX Runtime on the CPU")
+                return self._last_resort(options, passed_over)
+            ort_options["providers"] = "cuda"
+        backend = self._attempt("onnxruntime", lambda: self.onnxruntime(onnx_dir, ort_options), passed_over)
+        if backend is not None:
+            return backend
+        return self._last_resort(options, passed_over)
+
+    def _attempt(self, name: str, make, passed_over: list[str]) -> Backend | None:
+        from ..checkpoint import CheckpointError
+
         try:
-            return TensorRTBackend(engines, checkpoint=checkpoint, device=device, **_accepted(TensorRTBackend, options))
+            backend = make()
+        except CheckpointError:
+            raise  # no weights: no backend can run, say so once
         except BackendError as err:
-            log.warning("backend auto: TensorRT engines in %s not used: %s", engines, err)
-    if onnx_dir is not None and (Path(onnx_dir).expanduser() / MANIFEST_NAME).is_file():
-        try:
-            return OnnxRuntimeBackend(onnx_dir, checkpoint=checkpoint, device=device,
-                                      **_accepted(OnnxRuntimeBackend, options))
-        except BackendError as err:
-            log.warning("backend auto: ONNX graphs in %s not used: %s", onnx_dir, err)
-    return _torch_backend(checkpoint, device, download, _accepted(TorchBackend, options))
+            log.warning("backend auto: %s not used: %s", name, err)
+            passed_over.append(f"{name}: {str(err).splitlines()[0][:200]}")
+            return None
+        log.info("backend auto: using %s on %s%s", name, backend.device,
+                 "" if not passed_over else " (" + "; ".join(passed_over) + ")")
+        return backend
+
+    def _last_resort(self, options: dict[str, Any], passed_over: list[str]) -> TorchBackend:
+        backend = self.torch(_accepted(TorchBackend, options))
+        log.info("backend auto: using torch on %s (%s)", backend.device, "; ".join(passed_over))
+        return backend
+
+
+def _onnxruntime_has_cuda() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 __all__ = [
