@@ -54,16 +54,17 @@ def variant_folder(base: Path, name: str, ops: list[str], work: Path) -> Path:
 
 
 def run_precision(folder: Path, precision: str, images: list[np.ndarray], user_boxes: list[np.ndarray],
-                  reference: list[dict] | None, num_boxes: int) -> list[dict]:
+                  reference: list[dict] | None, num_boxes: int, chunk_size: int) -> list[dict]:
     """Segment every image (CellFinder path, user boxes) and run each graph on its inputs."""
     from cellsam_trt import CellSAM
     from cellsam_trt import postprocess as post
+    from cellsam_trt.config import InferenceConfig
     from cellsam_trt.engines import verification_inputs
     from cellsam_trt.pipeline import NoCellsWarning
     from cellsam_trt.runtime import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(folder, precision=precision)
-    session = CellSAM(backend)
+    session = CellSAM(backend, InferenceConfig(chunk_size=chunk_size))
     config = backend.config
     results = []
     for i, (image, boxes) in enumerate(zip(images, user_boxes)):
@@ -120,6 +121,37 @@ def compare(reference: list[dict], test: list[dict]) -> list[dict]:
     return rows
 
 
+def markdown(report: dict) -> str:
+    """The report as tables: one row per variant and image."""
+    lines = ["| FP32 islands | image | CellFinder boxes kept (FP32 / FP16) | CellFinder F1 | CellFinder per-cell IoU min / mean "
+             "| user boxes F1 | user boxes per-cell IoU min / mean |",
+             "|---|---|---|---|---|---|---|"]
+
+    def iou(stats):
+        return "-" if stats["iou_min"] is None else f"{stats['iou_min']:.3f} / {stats['iou_mean']:.4f}"
+
+    for name, variant in report["variants"].items():
+        islands = ", ".join(variant["fp32_ops"]) or "none"
+        for seed, row in zip(report["seeds"], variant["images"]):
+            finder, user = row["cellfinder"], row["user_boxes"]["labels"]
+            kept = finder["kept"]
+            lines.append(f"| {islands} | seed {seed} | {kept[0]} / {kept[1]} | {finder['labels']['f1']:.4f} | "
+                         f"{iou(finder['labels'])} | {user['f1']:.4f} | {iou(user)} |")
+    lines += ["", "Max abs difference of each graph output (FP32 scale in brackets: max |FP32 output|):", "",
+              "| FP32 islands | image | " + " | ".join(next(iter(report["variants"].values()))["images"][0]["outputs"]) + " |",
+              "|---|---|" + "---|" * len(next(iter(report["variants"].values()))["images"][0]["outputs"])]
+    for name, variant in report["variants"].items():
+        islands = ", ".join(variant["fp32_ops"]) or "none"
+        for seed, row in zip(report["seeds"], variant["images"]):
+            cells = []
+            for key, stats in row["outputs"].items():
+                scale = stats["max_abs"] / stats["max_rel"] if stats["max_rel"] else float("nan")
+                extra = f", mask IoU min {stats['min_iou']:.4f}" if "min_iou" in stats else ""
+                cells.append(f"{stats['max_abs']:.3g} ({scale:.3g}){extra}")
+            lines.append(f"| {islands} | seed {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="folder for the steered weights and their export (reused)")
@@ -131,10 +163,16 @@ def main() -> int:
     parser.add_argument("--cells", type=int, default=800, help="cells per bench image (default 800)")
     parser.add_argument("--user-boxes", type=int, default=200, help="user boxes per image (default 200)")
     parser.add_argument("--graph-boxes", type=int, default=64, help="boxes of the decoder output comparison (default 64)")
+    parser.add_argument("--chunk-size", type=int, default=32,
+                        help="boxes per decoder call (default 32: ONNX Runtime's CPU arena keeps the peak)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=OPS",
                         help="FP32 island op types of a variant to measure (repeatable)")
-    parser.add_argument("--out", help="write the JSON report here")
+    parser.add_argument("--out", help="write the JSON report here (and its tables beside it, .md)")
+    parser.add_argument("--render", help="only print the tables of an earlier JSON report")
     args = parser.parse_args()
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())))
+        return 0
 
     from cellsam_trt.bench import bench_boxes, bench_image
     from cellsam_trt.checkpoint import random_network, write_checkpoint
@@ -150,6 +188,7 @@ def main() -> int:
     user_boxes = [bench_boxes(args.user_boxes, args.size, args.size, seed=s + 1) for s in seeds]
     base = work / "onnx"
     report: dict = {"seeds": seeds, "size": args.size, "cells": args.cells, "user_boxes": args.user_boxes,
+                    "chunk_size": args.chunk_size,
                     "torch_threads": torch.get_num_threads()}
     t0 = time.perf_counter()
     if not (base / MANIFEST_NAME).is_file():
@@ -173,12 +212,12 @@ def main() -> int:
         variants["export"] = base
 
     print("fp32", file=sys.stderr, flush=True)
-    reference = run_precision(base, "fp32", images, user_boxes, None, args.graph_boxes)
+    reference = run_precision(base, "fp32", images, user_boxes, None, args.graph_boxes, args.chunk_size)
     report["variants"] = {}
     for name, folder in variants.items():
         print(f"fp16 variant {name}", file=sys.stderr, flush=True)
         fp16_manifest = json.loads((folder / MANIFEST_NAME).read_text())
-        test = run_precision(folder, "fp16", images, user_boxes, reference, args.graph_boxes)
+        test = run_precision(folder, "fp16", images, user_boxes, reference, args.graph_boxes, args.chunk_size)
         report["variants"][name] = {
             "fp32_ops": fp16_manifest["graphs"]["encoder"]["fp16"]["fp32_ops"],
             "graphs": {g: {k: e["fp16"][k] for k in ("fp32_nodes", "casts", "size_bytes", "convert_seconds")}
@@ -190,8 +229,10 @@ def main() -> int:
     report["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(report, indent=2)
     print(text)
+    print(markdown(report))
     if args.out:
         Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".md").write_text(markdown(report) + "\n")
     return 0
 
 
