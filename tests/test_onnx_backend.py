@@ -84,17 +84,19 @@ def test_max_decoder_boxes_chunks_without_changing_labels(exported, torch_sessio
         backend.decoder(embedding, torch.tensor(boxes[:7] * 2))
 
 
-def test_create_backend_kinds(exported, cell_image):
+def test_create_backend_kinds(exported, cell_image, tmp_path):
     checkpoint, folder = exported
     backend = create_backend("onnxruntime", checkpoint=checkpoint, onnx_dir=folder, device="cpu")
     assert isinstance(backend, OnnxRuntimeBackend)
     session = CellSAM.from_checkpoint(checkpoint, backend="onnxruntime", onnx_dir=folder, device="cpu", threads=1)
     assert session.backend.describe()["onnx_dir"] == str(folder)
-    # auto: no engines here (and no TensorRT), so the export; without artefacts, torch
+    # auto: no engines here (and no TensorRT), so the export; without artefacts and with
+    # building off, torch
     assert isinstance(create_backend("auto", checkpoint=checkpoint, onnx_dir=folder, device="cpu"), OnnxRuntimeBackend)
-    assert isinstance(create_backend("auto", checkpoint=checkpoint, device="cpu", precision="fp32"), TorchBackend)
-    with pytest.raises(ValueError, match="onnx_dir"):
-        create_backend("onnxruntime", checkpoint=checkpoint)
+    assert isinstance(create_backend("auto", checkpoint=checkpoint, device="cpu", precision="fp32",
+                                     cache=tmp_path, build=False), TorchBackend)
+    with pytest.raises(BackendError, match="not in the cache.*building is turned off"):
+        create_backend("onnxruntime", checkpoint=checkpoint, cache=tmp_path, build=False)
     with pytest.raises(ValueError, match="backend"):
         create_backend("openvino", checkpoint=checkpoint)
 
@@ -247,7 +249,8 @@ def test_segment_command_runs_the_onnx_graphs(exported, torch_session, cell_imag
     np.save(tmp_path / "cells.npy", cell_image)
     args = ["segment", str(tmp_path / "cells.npy"), "-o", str(tmp_path / "out"), "--checkpoint", str(checkpoint),
             "--device", "cpu", "--no-progress", "--backend", "onnxruntime"]
-    assert main(args) == 1 and "onnx_dir" in capsys.readouterr().err  # says what is missing
+    refused = main(args + ["--no-build", "--cache-dir", str(tmp_path / "empty-cache")])
+    assert refused == 1 and "building is turned off" in capsys.readouterr().err  # says what is missing
     assert main(args + ["--onnx-dir", str(folder)]) == 0
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "cells_labels.tif"),
                                   torch_session.segment(cell_image))
