@@ -376,7 +376,32 @@ def verify_engines(engine_dir: str | os.PathLike, onnx_dir: str | os.PathLike | 
     return verify_backend(ref, engines, num_boxes=num_boxes, batch=batch)
 
 
+def fill_cache(args: argparse.Namespace) -> int:
+    """``build-engines`` without ``--onnx-dir`` / ``--out``: the artifact cache's engines for
+    ``--checkpoint`` on this GPU (exporting its graphs into the cache first if needed)."""
+    from .cache import ArtifactCache, EngineRequest
+    from .checkpoint import find_checkpoint
+    from .runtime import resolve_device
+
+    if args.verify_only or args.verify:
+        raise ValueError("--verify / --verify-only: give --onnx-dir (and --out) to compare engines with their graphs")
+    trt = require_tensorrt()
+    device = resolve_device(args.device or "cuda")
+    if device.type != "cuda":
+        raise ValueError(f"--device: TensorRT engines are built on a CUDA GPU, not {device}")
+    request = EngineRequest(gpu=current_gpu(device), tensorrt_version=str(trt.__version__),
+                            precision="fp32" if args.fp32 else "fp16", max_batch=args.max_batch,
+                            max_boxes=args.max_boxes, device=device.index or 0)
+    folder = ArtifactCache(args.cache_dir, build=True).engine_dir(find_checkpoint(args.checkpoint), request)
+    print(f"TensorRT engines for {request.gpu['name']} in the cache: {folder}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.onnx_dir is None:
+        if args.out is not None:
+            raise ValueError("--onnx-dir: needed with --out (without both, the engines go to the artifact cache)")
+        return fill_cache(args)
     engine_dir = args.out or args.onnx_dir
     if not args.verify_only:
         meta = build_engines(
@@ -401,8 +426,11 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("build-engines", help="build FP16 TensorRT engines from an ONNX export (on the target GPU)")
-    p.add_argument("--onnx-dir", required=True, help="export folder of `cellsam-trt export`")
+    p.add_argument("--onnx-dir", help="export folder of `cellsam-trt export` (without it and --out: build the "
+                   "engines of --checkpoint into the artifact cache, where backend='auto' finds them)")
     p.add_argument("--out", help="engine folder (default: the ONNX folder)")
+    p.add_argument("--cache-dir", help="artifact cache folder without --onnx-dir (default: $CELLSAM_TRT_CACHE or "
+                   "the user cache folder)")
     p.add_argument("--graphs", nargs="+", choices=GRAPH_NAMES, default=list(GRAPH_NAMES))
     p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help=f"image batch profile max (default {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-boxes", type=int, default=DEFAULT_MAX_BOXES,

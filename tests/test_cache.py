@@ -1,6 +1,7 @@
 """The artifact cache: graphs exported once per checkpoint, shared by processes, checked
 before use, rebuilt when damaged; backend="auto" falls back with a logged reason."""
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -277,3 +278,28 @@ def test_cli_export_without_out_fills_the_cache(filled, checkpoint, tmp_path, mo
     assert str(root / "onnx" / filled[1].name) in capsys.readouterr().out
     assert cli_main(["export", "--checkpoint", str(checkpoint), "--opset", "18"]) == 1
     assert "only with --out" in capsys.readouterr().err
+
+
+def test_cli_build_engines_without_out_targets_the_cache(checkpoint, tmp_path, capsys):
+    args = ["build-engines", "--checkpoint", str(checkpoint), "--cache-dir", str(tmp_path / "cache")]
+    if importlib.util.find_spec("tensorrt") is None:
+        assert cli_main(args) == 1
+        assert "TensorRT is not installed" in capsys.readouterr().err
+    assert cli_main(["build-engines", "--out", str(tmp_path / "e")]) == 1
+    assert "--onnx-dir: needed with --out" in capsys.readouterr().err
+
+
+def test_engine_keys_name_gpu_tensorrt_precision_and_profiles(checkpoint, tmp_path):
+    from cellsam_trt.cache import EngineRequest, GraphRequest, _key
+
+    cache = ArtifactCache(tmp_path / "cache")
+    graphs = cache.graph_material(GraphRequest(Path(checkpoint).resolve()))
+    base = EngineRequest(gpu={"name": "NVIDIA H100", "compute_capability": "9.0"}, tensorrt_version="11.4.0")
+    variants = [base,
+                EngineRequest(gpu={"name": "NVIDIA H200", "compute_capability": "9.0"}, tensorrt_version="11.4.0"),
+                EngineRequest(gpu=base.gpu, tensorrt_version="10.13.0"),
+                EngineRequest(gpu=base.gpu, tensorrt_version="11.4.0", precision="fp32"),
+                EngineRequest(gpu=base.gpu, tensorrt_version="11.4.0", max_boxes=512)]
+    keys = {_key(cache.engine_material(graphs, v)) for v in variants}
+    assert len(keys) == len(variants)
+    assert cache.engine_material(graphs, base)["checkpoint_sha256"] == graphs["checkpoint_sha256"]
