@@ -61,6 +61,14 @@ def find_checkpoint(path: str | os.PathLike | None = None) -> Path:
     return candidate
 
 
+def locate_checkpoint(path: str | os.PathLike | None = None, *, download: bool = False) -> Path:
+    """``find_checkpoint``, after fetching the released weights when ``path`` is None, they
+    are absent and ``download`` is set."""
+    if path is None and download and not DEFAULT_CHECKPOINT.is_file():
+        download_weights()
+    return find_checkpoint(path)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a checkpoint as a flat ``{key: tensor}`` dict, safely.
 
@@ -153,9 +161,7 @@ def load_checkpoint(
         CheckpointError: missing file, unsafe or unreadable file, or a layout mismatch
             (the message lists the missing, unexpected and mis-shaped keys).
     """
-    if path is None and download and not DEFAULT_CHECKPOINT.is_file():
-        download_weights()
-    path = find_checkpoint(path)
+    path = locate_checkpoint(path, download=download)
     state_dict = read_state_dict(path)
     config = config or infer_config(state_dict)
     problems = layout_problems(state_dict, config)

@@ -470,29 +470,22 @@ _SESSION_LOCK = threading.Lock()
 _LAST_SESSION: dict[str, Any] = {}
 
 
-def _session_key(checkpoint: Any, backend: str, device: Any, backend_options: dict[str, Any]) -> tuple:
-    """What identifies the session ``segment()`` would load (the weights file by path, size and mtime)."""
-    from .checkpoint import find_checkpoint
-
-    path = find_checkpoint(checkpoint)
-    stat = path.stat()
-    from .runtime import resolve_device
-
-    resolved = str(resolve_device(device))
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, backend, resolved,
-            tuple(sorted((k, repr(v)) for k, v in backend_options.items())))
-
-
 def _loaded_session(checkpoint: Any, backend: str, device: Any, download: bool,
                     backend_options: dict[str, Any]) -> CellSAM:
-    """The session for these arguments, loaded once and kept for the next ``segment()`` call."""
-    from .checkpoint import DEFAULT_CHECKPOINT
+    """The session for these arguments, loaded once and kept for the next ``segment()`` call.
 
-    if checkpoint is None and download and not DEFAULT_CHECKPOINT.is_file():
-        from .checkpoint import download_weights
+    It is identified by the weights file (path, size and mtime: a rewritten file reloads),
+    the backend, the resolved device and the backend options.
+    """
+    from .checkpoint import locate_checkpoint
+    from .runtime import BACKENDS, resolve_device
 
-        download_weights()
-    key = _session_key(checkpoint, backend, device, backend_options)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    path = locate_checkpoint(checkpoint, download=download)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, backend, str(resolve_device(device)),
+           tuple(sorted((k, repr(v)) for k, v in backend_options.items())))
     with _SESSION_LOCK:
         if _LAST_SESSION.get("key") != key:
             _LAST_SESSION.clear()  # one session at a time: free the old weights before loading new ones

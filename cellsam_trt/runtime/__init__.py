@@ -93,11 +93,9 @@ class _Builder:
 
     def checkpoint_file(self) -> Path:
         """The weights file (downloaded first when asked and absent); CheckpointError if missing."""
-        from ..checkpoint import DEFAULT_CHECKPOINT, download_weights, find_checkpoint
+        from ..checkpoint import locate_checkpoint
 
-        if self.checkpoint is None and self.download and not DEFAULT_CHECKPOINT.is_file():
-            download_weights()
-        return find_checkpoint(self.checkpoint)
+        return locate_checkpoint(self.checkpoint, download=self.download)
 
     def torch(self, options: dict[str, Any]) -> TorchBackend:
         from ..checkpoint import load_checkpoint
