@@ -254,3 +254,14 @@ def test_segment_command_runs_the_onnx_graphs(exported, torch_session, cell_imag
     assert main(args + ["--onnx-dir", str(folder)]) == 0
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "cells_labels.tif"),
                                   torch_session.segment(cell_image))
+
+
+def test_cpu_memory_arena_only_for_the_decoder(exported):
+    checkpoint, folder = exported
+    backend = OnnxRuntimeBackend(folder, device="cpu", verify_hashes=False)
+    arenas = {g: s.get_session_options().enable_cpu_mem_arena for g, s in backend.sessions.items()}
+    # the arena keeps each graph's peak: gigabytes for the image graphs, little for decoder chunks
+    assert arenas == {"encoder": False, "cellfinder": False, "decoder": True}
+    assert backend.default_chunk_size == 8
+    everywhere = OnnxRuntimeBackend(folder, device="cpu", verify_hashes=False, cpu_arena=True)
+    assert all(s.get_session_options().enable_cpu_mem_arena for s in everywhere.sessions.values())

@@ -90,8 +90,9 @@ class OnnxRuntimeBackend(Backend):
         trt_cache_dir: engine cache of the TensorRT provider (default: onnx_dir/ort-trt-cache).
         trt_max_batch: largest image batch the TensorRT provider's profile admits; larger
             encoder / CellFinder batches are split (and decoder calls default to 1024 boxes).
-        cpu_arena: keep ONNX Runtime's CPU memory arena (off by default: it holds on to
-            the peak of every call, which grows the process call after call).
+        cpu_arena: ONNX Runtime's CPU memory arena for every graph (True) or none (False);
+            default: the decoder only (the arena holds on to the peak of every call: small
+            for decoder chunks, gigabytes for the encoder and CellFinder).
         precision: "fp32" runs ``<graph>.onnx``; "fp16" runs the mixed-precision
             ``<graph>.fp16.onnx`` of the export (float16 compute with float32 islands, the
             graphs FP16 TensorRT engines are built from; inputs and outputs stay float32).
@@ -118,7 +119,7 @@ class OnnxRuntimeBackend(Backend):
         trt_cache_dir: str | os.PathLike | None = None,
         trt_max_batch: int = 8,
         precision: str = "fp32",
-        cpu_arena: bool = False,
+        cpu_arena: bool | None = None,
     ) -> None:
         if max_decoder_boxes is not None and (isinstance(max_decoder_boxes, bool) or not isinstance(max_decoder_boxes, int) or max_decoder_boxes < 1):
             raise ValueError(f"max_decoder_boxes: expected a positive integer or None, got {max_decoder_boxes!r}")
@@ -145,8 +146,8 @@ class OnnxRuntimeBackend(Backend):
         self.max_decoder_boxes = max_decoder_boxes or (1024 if TENSORRT in wanted else None)
         self.max_batch = trt_max_batch if TENSORRT in wanted else None
         # On the CPU a decoder call's activations are ~20 MB per box (ViT-B: peak 5.2 GiB for
-        # 256 boxes, 0.6 GiB for 32, no slower per box): small calls bound the memory.
-        self.default_chunk_size = 256 if uses_gpu else 32
+        # 256 boxes, 0.5 GiB for 8, no slower per box): small calls bound the memory.
+        self.default_chunk_size = 256 if uses_gpu else 8
         self.precision = precision
         self.manifest = load_manifest(onnx_dir, checkpoint=checkpoint, verify_hashes=verify_hashes, precision=precision)
         self.folder = self.manifest.folder
@@ -161,10 +162,13 @@ class OnnxRuntimeBackend(Backend):
             options = ort.SessionOptions()
             if threads is not None:
                 options.intra_op_num_threads = threads
-            # ONNX Runtime's CPU arena keeps the largest activations it ever held: measured
-            # on the ViT-B decoder, 13.6 GiB stay resident after one 256-box call with the
-            # arena, 0.1 GiB without it (bench/NOTES.md, section 4)
-            options.enable_cpu_mem_arena = cpu_arena
+            # ONNX Runtime's CPU arena keeps the largest activations it ever held (ViT-B:
+            # 4.1 GiB after one encoder call, 13.6 GiB after one 256-box decoder call).
+            # The decoder's small calls reuse the same few buffers, and the arena saves
+            # their allocation (-22 % per box at 8 boxes per call, 0.5 GiB kept); the
+            # encoder and CellFinder run once per image and lose ~3 % without it
+            # (bench/NOTES.md, section 4).
+            options.enable_cpu_mem_arena = (graph == "decoder") if cpu_arena is None else cpu_arena
             self.sessions[graph] = self._session(ort, graph, options, cache, trt_max_batch)
         self._shapes = {g: self.manifest.shapes(g) for g in GRAPH_NAMES}
 

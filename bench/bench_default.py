@@ -1,0 +1,278 @@
+"""What default ``cellsam_trt.segment(image)`` gives, against the released per-box loop.
+
+Each configuration runs in its own process (so peak resident memory is its own), the
+processes interleaved round by round, and each process makes ``--calls`` calls on the
+same image:
+
+    released      the released CellSAM code (``segment_cellular_image``, model loaded once)
+    torch         ``CellSAM.from_checkpoint(..., backend="torch").segment``
+    default-cold  ``cellsam_trt.segment(image)`` with an empty artifact cache (the first call
+                  exports the ONNX graphs), once
+    default       ``cellsam_trt.segment(image)`` with the cache filled (a new process)
+
+For each: load seconds, first call and later calls (seconds), peak RSS, RSS after each
+call (growth), cells; labels are compared with the released code's (matched-cell F1,
+foreground agreement). Needs a checkout of https://github.com/vanvalenlab/cellSAM (not part
+of this project) and ``pip install requests dask-image pyyaml``::
+
+    python bench/bench_default.py --released ~/src/cellSAM --rounds 3
+    python bench/bench_default.py --released ~/src/cellSAM --user-boxes 100
+
+Without ``--checkpoint`` it writes random ViT-B weights in the official layout, steered on
+the bench image (``cellsam_trt.testing``). The default image is a 512 x 512 crop of the
+tissue sample image shipped with the released code (``sample_imgs/tissuenet.png``).
+The JSON report goes to ``bench/results/<device>/default-<date>.json`` with a markdown
+table beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("released", "torch", "default")
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _peak_gib() -> float:
+    # VmHWM, not getrusage's ru_maxrss: on Linux a child's ru_maxrss starts at its parent's
+    # peak (kept across fork and exec), which would credit every configuration with the
+    # memory this script used to make the weights.
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One configuration in this process: load, then ``--calls`` calls; JSON to ``--result``."""
+    import torch
+
+    torch.set_grad_enabled(False)
+    image = np.load(args.image)
+    boxes = np.load(args.boxes) if args.boxes else None
+    t0 = time.perf_counter()
+    if args.mode == "released":
+        sys.path.insert(0, str(Path(args.released).expanduser()))
+        import yaml
+        from cellSAM.model import segment_cellular_image
+        from cellSAM.sam_inference import CellSAM as ReleasedCellSAM
+
+        from cellsam_trt.checkpoint import read_state_dict
+
+        config = yaml.safe_load((Path(args.released).expanduser() / "cellSAM" / "modelconfig.yaml").read_text())
+        model = ReleasedCellSAM(config)
+        model.load_state_dict(read_state_dict(args.checkpoint), strict=True)
+        model.eval()
+
+        def call():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return segment_cellular_image(image, model, normalize=True, device="cpu",
+                                              bounding_boxes=None if boxes is None else boxes.tolist())[0], "released"
+    elif args.mode == "torch":
+        import cellsam_trt
+
+        session = cellsam_trt.CellSAM.from_checkpoint(args.checkpoint, backend="torch", device="cpu")
+
+        def call():
+            return session.segment(image, boxes=boxes), "torch"
+    else:
+        import cellsam_trt
+
+        def call():
+            labels, details = cellsam_trt.segment(image, checkpoint=args.checkpoint, boxes=boxes, return_details=True)
+            return labels, details.backend
+    load = time.perf_counter() - t0
+    record = {"mode": args.mode, "load_seconds": load, "calls": []}
+    labels = None
+    for _ in range(args.calls):
+        t0 = time.perf_counter()
+        labels, backend = call()
+        record["calls"].append({"seconds": time.perf_counter() - t0, "rss_gib": _rss_gib(), "backend": backend})
+    record["peak_rss_gib"] = _peak_gib()
+    record["cells"] = int(np.asarray(labels).max())
+    np.save(args.result.replace(".json", ".npy"), np.asarray(labels))
+    Path(args.result).write_text(json.dumps(record))
+    return 0
+
+
+def run_worker(mode: str, args: argparse.Namespace, files: dict[str, str], result: str, calls: int,
+               env: dict[str, str]) -> dict:
+    command = [sys.executable, __file__, "worker", mode, "--checkpoint", files["checkpoint"], "--image", files["image"],
+               "--calls", str(calls), "--result", result, "--released", str(args.released)]
+    if files.get("boxes"):
+        command += ["--boxes", files["boxes"]]
+    print(f"  {mode} ({calls} calls)...", file=sys.stderr, flush=True)
+    proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    record = json.loads(Path(result).read_text())
+    record["labels"] = np.load(result.replace(".json", ".npy"))
+    return record
+
+
+def bench_image(args: argparse.Namespace) -> np.ndarray:
+    from skimage.io import imread
+
+    path = Path(args.image).expanduser() if args.image else Path(args.released).expanduser() / "sample_imgs" / "tissuenet.png"
+    image = np.load(path) if path.suffix == ".npy" else imread(path)
+    if args.crop:
+        image = image[:args.crop, :args.crop]
+    return np.ascontiguousarray(image)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    w = sub.add_parser("worker")
+    w.add_argument("mode", choices=MODES)
+    for name in ("--checkpoint", "--image", "--result", "--released", "--boxes"):
+        w.add_argument(name)
+    w.add_argument("--calls", type=int, default=2)
+    parser.add_argument("--released", help="folder of a vanvalenlab/cellSAM checkout (holds cellSAM/)")
+    parser.add_argument("--checkpoint", help="weights in the released format (default: steered random ViT-B)")
+    parser.add_argument("--image", help="image file (.png/.tif/.npy; default: the released tissuenet sample)")
+    parser.add_argument("--crop", type=int, default=512, help="top-left crop side (default 512; 0: whole image)")
+    parser.add_argument("--user-boxes", type=int, default=0, help="segment N random boxes instead of CellFinder's")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of released / torch / default")
+    parser.add_argument("--calls", type=int, default=2, help="calls per process (the first includes warm-up)")
+    parser.add_argument("--out", help="JSON report (default: bench/results/<device>/default-<date>.json)")
+    args = parser.parse_args()
+    if args.command == "worker":
+        return worker(args)
+    if not args.released or not (Path(args.released).expanduser() / "cellSAM" / "sam_inference.py").is_file():
+        parser.error("--released: a vanvalenlab/cellSAM checkout is needed (the folder holding cellSAM/)")
+
+    from cellsam_trt.accuracy import label_agreement
+    from cellsam_trt.bench import device_name, machine_info
+
+    import torch
+
+    image = bench_image(args)
+    work = Path(tempfile.mkdtemp(prefix="cellsam-bench-default-"))
+    files = {"image": str(work / "image.npy")}
+    np.save(files["image"], image)
+    if args.checkpoint:
+        files["checkpoint"] = str(Path(args.checkpoint).expanduser())
+    else:
+        from cellsam_trt.checkpoint import random_network, write_checkpoint
+        from cellsam_trt.config import ModelConfig
+        from cellsam_trt.testing import steer_random_network
+
+        print("steering random ViT-B weights on the bench image...", file=sys.stderr, flush=True)
+        network = steer_random_network(random_network(ModelConfig.cellsam(), seed=11), image)
+        files["checkpoint"] = str(write_checkpoint(network, work / "steered.pt"))
+        del network
+    if args.user_boxes:
+        rng = np.random.default_rng(1)
+        h, w = image.shape[:2]
+        corner = rng.uniform(0, [w - 40, h - 40], size=(args.user_boxes, 2))
+        boxes = np.concatenate([corner, corner + rng.uniform(8, 40, size=(args.user_boxes, 2))], 1).astype(np.float32)
+        files["boxes"] = str(work / "boxes.npy")
+        np.save(files["boxes"], boxes)
+    env = dict(os.environ, CELLSAM_TRT_CACHE=str(work / "cache"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", ""))
+    if not env["OMP_NUM_THREADS"]:
+        env.pop("OMP_NUM_THREADS")
+
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    print("default-cold: empty cache, the first call exports", file=sys.stderr)
+    cold = run_worker("default", args, files, str(work / "cold.json"), 1, env)
+    for r in range(args.rounds):
+        print(f"round {r + 1} of {args.rounds}", file=sys.stderr)
+        for mode in MODES:
+            runs[mode].append(run_worker(mode, args, files, str(work / f"{mode}-{r}.json"), args.calls, env))
+
+    reference = runs["released"][0]["labels"]
+
+    def summary(records: list[dict]) -> dict:
+        first = [rec["calls"][0]["seconds"] for rec in records]
+        later = [c["seconds"] for rec in records for c in rec["calls"][1:]]
+        return {
+            "backend": records[0]["calls"][-1]["backend"],
+            "load_seconds": statistics.median(rec["load_seconds"] for rec in records),
+            "first_call_seconds": statistics.median(first),
+            "later_call_seconds": statistics.median(later) if later else None,
+            "peak_rss_gib": max(rec["peak_rss_gib"] for rec in records),
+            "rss_after_calls_gib": [[round(c["rss_gib"], 2) for c in rec["calls"]] for rec in records],
+            "cells": records[0]["cells"],
+            "agreement_with_released": {k: v for k, v in label_agreement(reference, records[0]["labels"]).items()
+                                        if k in ("f1", "foreground_agreement", "iou_p5", "differing_pixels")},
+        }
+
+    report = {
+        "what": "default cellsam_trt.segment(image) vs the released per-box loop, each in its own process",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(torch.device("cpu")),
+        "image": {"shape": list(image.shape), "source": args.image or "released sample_imgs/tissuenet.png",
+                  "crop": args.crop},
+        "weights": "given" if args.checkpoint else "random ViT-B, steered on the image",
+        "boxes": f"{args.user_boxes} user boxes" if args.user_boxes else "CellFinder",
+        "rounds": args.rounds, "calls_per_process": args.calls,
+        "results": {mode: summary(records) for mode, records in runs.items()},
+        "default_cold": {"first_call_seconds": cold["calls"][0]["seconds"], "load_seconds": cold["load_seconds"],
+                         "peak_rss_gib": cold["peak_rss_gib"], "backend": cold["calls"][0]["backend"]},
+    }
+    released = report["results"]["released"]["later_call_seconds"] or report["results"]["released"]["first_call_seconds"]
+    for mode in ("torch", "default"):
+        res = report["results"][mode]
+        res["speedup_later_calls"] = released / (res["later_call_seconds"] or res["first_call_seconds"])
+        res["speedup_first_call"] = report["results"]["released"]["first_call_seconds"] / res["first_call_seconds"]
+    out = Path(args.out) if args.out else (Path(__file__).parent / "results" / device_name(torch.device("cpu"))
+                                            / f"default-{datetime.date.today().isoformat()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"report: {out}", file=sys.stderr)
+    return 0
+
+
+def markdown(report: dict) -> str:
+    res = report["results"]
+    lines = [
+        f"# default `segment(image)` against the released per-box loop ({report['created']})",
+        "",
+        f"Image {tuple(report['image']['shape'])} ({report['image']['source']}), {report['weights']}, "
+        f"{report['boxes']}; each configuration in its own process, {report['rounds']} interleaved rounds, "
+        f"{report['calls_per_process']} calls per process (medians). "
+        f"Machine: {report['machine'].get('cpu', report['machine'])}.",
+        "",
+        "| configuration | backend | load (s) | first call (s) | later calls (s) | speed-up (later calls) | peak RSS (GiB) | RSS after each call (GiB) | cells | F1 vs released | foreground agreement |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode in MODES:
+        r = res[mode]
+        speed = f"{r['speedup_later_calls']:.2f}x" if "speedup_later_calls" in r else "1.00x"
+        later = f"{r['later_call_seconds']:.1f}" if r["later_call_seconds"] is not None else "-"
+        agree = r["agreement_with_released"]
+        lines.append(f"| {mode} | {r['backend']} | {r['load_seconds']:.1f} | {r['first_call_seconds']:.1f} | {later} | "
+                     f"{speed} | {r['peak_rss_gib']:.2f} | {r['rss_after_calls_gib'][0]} | {r['cells']} | "
+                     f"{agree['f1']:.3f} | {agree['foreground_agreement']:.5f} |")
+    cold = report["default_cold"]
+    lines += ["", f"First call with an empty cache (exports the graphs, in a child process): "
+                  f"{cold['first_call_seconds']:.1f} s, backend {cold['backend']}, peak RSS of the calling process "
+                  f"{cold['peak_rss_gib']:.2f} GiB.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
