@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of bench/NOTES.md ("Next, on a GPU") and the CUDA tests, in as few
-# device calls as possible, each step degrading row by row instead of stopping.
+# commands as possible, each step degrading row by row instead of stopping.
 #
 # Here, once (the GPU image lacks only segment-anything among what these steps import):
 #     bash bench/gpu_session.sh fetch-wheels            # -> .whl/ (git-ignored)
