@@ -43,23 +43,24 @@ import numpy as np
 MODES = ("released", "torch", "default")
 
 
-def _rss_gib() -> float:
+def _status_gib(field: str) -> float:
+    """A memory line of /proc/self/status ("VmRSS", "VmHWM") in GiB."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 2**20
     return float("nan")
+
+
+def _rss_gib() -> float:
+    return _status_gib("VmRSS")
 
 
 def _peak_gib() -> float:
     # VmHWM, not getrusage's ru_maxrss: on Linux a child's ru_maxrss starts at its parent's
     # peak (kept across fork and exec), which would credit every configuration with the
     # memory this script used to make the weights.
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
+    return _status_gib("VmHWM")
 
 
 def worker(args: argparse.Namespace) -> int:

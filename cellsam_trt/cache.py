@@ -42,7 +42,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from .runtime.artifacts import ENGINE_METADATA_NAME, MANIFEST_NAME, MANIFEST_VERSION, load_manifest
+from .runtime.artifacts import MANIFEST_VERSION, load_manifest
 from .runtime.base import BackendError
 
 log = logging.getLogger(__name__)

@@ -1,3 +1,4 @@
+import json
 import os
 import warnings
 
@@ -8,6 +9,7 @@ import torch
 from cellsam_trt.checkpoint import random_network
 from cellsam_trt.config import ModelConfig
 from cellsam_trt.testing import steer_random_network, synthetic_cells
+from export_shared import tiny_export
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -22,6 +24,18 @@ def cell_image() -> np.ndarray:
 def steered_tiny(cell_image):
     """Tiny-config random network steered on ``cell_image`` (model_cp present)."""
     return steer_random_network(random_network(ModelConfig.tiny(), seed=0), cell_image)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, steered_tiny):
+    """(checkpoint file, ONNX export folder) of ``steered_tiny``; read-only (``copy_export`` to tamper)."""
+    return tiny_export(tmp_path_factory, steered_tiny)
+
+
+@pytest.fixture(scope="session")
+def manifest(exported):
+    """The parsed manifest.json of ``exported``."""
+    return json.loads((exported[1] / "manifest.json").read_text())
 
 
 @pytest.fixture(autouse=True)

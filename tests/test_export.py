@@ -20,21 +20,10 @@ from cellsam_trt.export_onnx import (
 from cellsam_trt.modeling import BoxDecoder
 from cellsam_trt.modeling.sam import build_sam
 from cellsam_trt.runtime.artifacts import GRAPH_SPECS, io_shapes
-from export_shared import tiny_export
 
 ort = pytest.importorskip("onnxruntime")
 
 TIGHT = dict(rtol=1e-4, atol=1e-4)  # fp32, same operations in another runtime
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, steered_tiny):
-    return tiny_export(tmp_path_factory, steered_tiny)
-
-
-@pytest.fixture(scope="module")
-def manifest(exported):
-    return json.loads((exported[1] / "manifest.json").read_text())
 
 
 @pytest.fixture(scope="module")

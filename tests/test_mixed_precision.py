@@ -14,19 +14,9 @@ from cellsam_trt.engines import verify_backend
 from cellsam_trt.mixed_precision import FP32_ISLAND_OPS, ConversionError, describe_precision, sort_nodes
 from cellsam_trt.runtime import BackendError, OnnxRuntimeBackend
 from cellsam_trt.runtime.artifacts import GRAPH_SPECS, load_manifest
-from export_shared import copy_export, tiny_export
+from export_shared import copy_export
 
 pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, steered_tiny):
-    return tiny_export(tmp_path_factory, steered_tiny)
-
-
-@pytest.fixture(scope="module")
-def manifest(exported):
-    return json.loads((exported[1] / "manifest.json").read_text())
 
 
 def elem_types(values):

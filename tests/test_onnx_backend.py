@@ -18,14 +18,9 @@ from cellsam_trt.runtime import (
     TorchBackend,
     create_backend,
 )
-from export_shared import copy_export, tiny_export
+from export_shared import copy_export
 
 ort = pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, steered_tiny):
-    return tiny_export(tmp_path_factory, steered_tiny)
 
 
 @pytest.fixture(scope="module")

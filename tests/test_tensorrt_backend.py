@@ -21,7 +21,7 @@ from cellsam_trt.runtime.tensorrt_backend import (
     load_engine_metadata,
     require_tensorrt,
 )
-from export_shared import copy_export, tiny_export
+from export_shared import copy_export
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = pytest.mark.skipif(
@@ -29,11 +29,6 @@ needs_trt = pytest.mark.skipif(
     reason="needs the tensorrt package and a CUDA GPU",
 )
 no_trt = pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed; the missing-TensorRT message cannot be shown")
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, steered_tiny):
-    return tiny_export(tmp_path_factory, steered_tiny)
 
 
 def metadata(checkpoint_sha="a" * 64):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .artifacts import ENGINE_METADATA_NAME, MANIFEST_NAME
+from .artifacts import ENGINE_METADATA_NAME
 from .base import Backend, BackendError, OutOfDeviceMemory
 from .onnx_backend import OnnxRuntimeBackend
 from .tensorrt_backend import TensorRTBackend
