@@ -232,6 +232,9 @@ def main() -> int:
         "default_cold": {"first_call_seconds": cold["calls"][0]["seconds"], "load_seconds": cold["load_seconds"],
                          "peak_rss_gib": cold["peak_rss_gib"], "backend": cold["calls"][0]["backend"]},
     }
+    report["results"]["default"]["agreement_with_torch"] = {
+        k: v for k, v in label_agreement(runs["torch"][0]["labels"], runs["default"][0]["labels"]).items()
+        if k in ("f1", "foreground_agreement", "iou_p5", "differing_pixels")}
     released = report["results"]["released"]["later_call_seconds"] or report["results"]["released"]["first_call_seconds"]
     for mode in ("torch", "default"):
         res = report["results"][mode]
@@ -268,6 +271,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {mode} | {r['backend']} | {r['load_seconds']:.1f} | {r['first_call_seconds']:.1f} | {later} | "
                      f"{speed} | {r['peak_rss_gib']:.2f} | {r['rss_after_calls_gib'][0]} | {r['cells']} | "
                      f"{agree['f1']:.3f} | {agree['foreground_agreement']:.5f} |")
+    to_torch = res["default"].get("agreement_with_torch")
+    if to_torch:
+        lines += ["", f"Default against the torch backend: matched-cell F1 {to_torch['f1']:.3f}, foreground agreement "
+                      f"{to_torch['foreground_agreement']:.5f}, {to_torch['differing_pixels']} differing pixels."]
     cold = report["default_cold"]
     lines += ["", f"First call with an empty cache (exports the graphs, in a child process): "
                   f"{cold['first_call_seconds']:.1f} s, backend {cold['backend']}, peak RSS of the calling process "

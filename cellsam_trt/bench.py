@@ -284,9 +284,9 @@ class TimedBackend(Backend):
         with self.clock.region("cellfinder"):
             return self.inner.cellfinder(images)
 
-    def decoder(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    def decoder(self, embedding: Tensor, boxes: Tensor, *, last_call: bool = False) -> tuple[Tensor, Tensor]:
         with self.clock.region("decoder"):
-            masks, iou = self.inner.decoder(embedding, boxes)
+            masks, iou = self.inner.decoder(embedding, boxes, last_call=last_call)
         self.decoder_calls += 1
         if self.cell_masks:
             with self.clock.region("synthetic_masks"):

@@ -217,14 +217,14 @@ class ArtifactCache:
         return digest
 
     def graph_material(self, request: GraphRequest) -> dict[str, Any]:
-        from .export_onnx import EXPORTER, OPSET
+        from .export_onnx import EXPORTER, GRAPH_REVISION, OPSET
 
         return {
             "format": CACHE_FORMAT, "kind": "onnx",
             "checkpoint_sha256": self.checkpoint_sha256(request.checkpoint),
             "config": request.config or "inferred from the weights",
             "opset": OPSET, "manifest_version": MANIFEST_VERSION, "exporter": EXPORTER,
-            "versions": _versions("torch", "onnx"),
+            "graph_revision": GRAPH_REVISION, "versions": _versions("torch", "onnx"),
         }
 
     def engine_material(self, graphs: dict[str, Any], request: EngineRequest) -> dict[str, Any]:

@@ -149,7 +149,8 @@ class CompatCellSAM(CellSAM):
         backend = self.backend
         out = np.zeros((len(boxes_model), *out_shape), dtype=np.uint8)
         for start in range(0, len(boxes_model), opts.chunk_size):
-            logits, _ = backend.decoder(embedding, boxes_model[start:start + opts.chunk_size])
+            logits, _ = backend.decoder(embedding, boxes_model[start:start + opts.chunk_size],
+                                        last_call=start + opts.chunk_size >= len(boxes_model))
             for offset in range(len(logits)):
                 painter = post.MaskPainter(
                     out_shape, low_res=backend.config.sam.low_res_size, model_size=backend.config.image_size,

@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 OPSET = 17
 # Recorded in the manifest and in the artifact cache's keys: another exporter, another graph.
 EXPORTER = "torch.onnx.export(dynamo=False)"
+# What the graphs compute, as opposed to which tool wrote them: bumped whenever a module's
+# forward changes the operations it records (2: the decoder's reassociated cross attention),
+# so that a cached export of the earlier formulation is not reused.
+GRAPH_REVISION = 2
 # ONNX's protobuf limit: larger graphs keep their weights in a side file.
 PROTOBUF_LIMIT = 2 ** 31 - 1
 
@@ -384,6 +388,7 @@ def export_network(
         "uses_model_cp": bool(network.uses_model_cp),
         "opset": opset,
         "exporter": EXPORTER,
+        "graph_revision": GRAPH_REVISION,
         "precisions": ["fp32", "fp16"] if fp16 else ["fp32"],
         "graphs": entries,
         "tools": tool_versions(),

@@ -10,8 +10,10 @@ even one box cannot fit.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 
 import torch
 
@@ -78,3 +80,33 @@ def fit_chunk_size(config: ModelConfig, device: torch.device, height: int, width
                     chunk_size, (fixed + chunk_size * per_box) / 2**30, device, fitting)
         return int(fitting)
     return chunk_size
+
+
+def _load_malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library, or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_host_memory() -> bool:
+    """Give the pages of freed heap memory back to the system (glibc's ``malloc_trim``).
+
+    glibc keeps freed heap memory for reuse: after a whole-image call on the CPU a process
+    holds about half a gigabyte (ViT-B) that no array uses, and the next call's encoder
+    peak comes on top of part of it (bench/NOTES.md, section 5). The pipeline calls this
+    once per call on CPU backends. Returns False where there is nothing to call.
+    """
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import postprocess as post
 from . import preprocess as pre
 from .config import InferenceConfig
-from .memory import fit_chunk_size
+from .memory import fit_chunk_size, release_freed_host_memory
 from .runtime.base import Backend, OutOfDeviceMemory, is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,8 @@ class CellSAM:
             decoded = self._boxes_and_masks(embedding, finder, item, opts, timer, progress)
 
         labels, details = self._finish(embedding, item, decoded, opts, timer, postprocess, remove_boundaries, return_details)
+        del embedding, decoded
+        self._release_host_memory()
         if not labels.any():
             warnings.warn("No cells detected in the image; returning all-zero labels.", NoCellsWarning, stacklevel=2)
         return (labels, details) if return_details else labels
@@ -309,7 +311,15 @@ class CellSAM:
                 warnings.warn(f"No cells detected in image {i} of the batch; returning all-zero labels.",
                               NoCellsWarning, stacklevel=2)
             results.append((labels, details) if return_details else labels)
+        del embeddings, decoded
+        self._release_host_memory()
         return results
+
+    def _release_host_memory(self) -> None:
+        # On the CPU the graphs' activations were host memory: give the freed pages back
+        # before the next call's encoder peak (on a GPU the host side is small).
+        if self.backend.device.type == "cpu":
+            release_freed_host_memory()
 
     def _prepare(self, image: Any, boxes: Any, normalize: bool | str, channel_axis: int | None) -> "_Prepared":
         """Validate and format one image; build both model inputs (the CellFinder one only without user boxes)."""
@@ -400,7 +410,7 @@ class CellSAM:
         while start < len(boxes):
             part = boxes[start:start + chunk]
             try:
-                mask_logits, iou = backend.decoder(embedding, part)
+                mask_logits, iou = backend.decoder(embedding, part, last_call=start + len(part) >= len(boxes))
                 keep = iou[:, 0] >= opts.iou_threshold
                 # labels follow the kept order, so chunks are painted in order
                 painter.paint(mask_logits[keep, 0], next_label)

@@ -213,7 +213,7 @@ class _ScriptedBackend(Backend):
         boxes[:, :, 2:] = 0.05
         return logits, boxes
 
-    def decoder(self, embedding, boxes):
+    def decoder(self, embedding, boxes, *, last_call=False):
         time.sleep(self.delay)
         self.decoder_boxes.append(len(boxes))
         return bench.cell_logits(boxes)[:, None], torch.ones(len(boxes), 1)

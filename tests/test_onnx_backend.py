@@ -260,3 +260,24 @@ def test_cpu_memory_arena_only_for_the_decoder(exported):
     assert backend.default_chunk_size == 8
     everywhere = OnnxRuntimeBackend(folder, device="cpu", verify_hashes=False, cpu_arena=True)
     assert all(s.get_session_options().enable_cpu_mem_arena for s in everywhere.sessions.values())
+
+
+def test_decoder_arena_given_back_after_each_images_last_call(exported, torch_session, cell_image):
+    checkpoint, folder = exported
+    backend = OnnxRuntimeBackend(folder, device="cpu", verify_hashes=False)
+    session = backend.sessions["decoder"]
+    run, shrink = session.run, []
+
+    def recording_run(outputs, feeds, run_options=None):
+        entry = run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") if run_options else None
+        shrink.append(entry)
+        return run(outputs, feeds, run_options)
+
+    session.run = recording_run
+    boxes = user_boxes(10, *cell_image.shape[:2], seed=2)
+    labels = CellSAM(backend).segment(cell_image, boxes=boxes, chunk_size=4)
+    # three calls (4 + 4 + 2 boxes): only the last asks ONNX Runtime to give the arena back
+    assert shrink == [None, None, "cpu:0"]
+    np.testing.assert_array_equal(labels, torch_session.segment(cell_image, boxes=boxes))
+    no_arena = OnnxRuntimeBackend(folder, device="cpu", verify_hashes=False, cpu_arena=False)
+    assert no_arena._decoder_arena is False  # nothing to give back

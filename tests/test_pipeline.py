@@ -189,13 +189,13 @@ class _SmallMemoryBackend:
     def __init__(self, inner, limit):
         self.inner, self.limit, self.calls = inner, limit, []
 
-    def decoder(self, embedding, boxes):
+    def decoder(self, embedding, boxes, *, last_call=False):
         from cellsam_trt.runtime import OutOfDeviceMemory
 
         self.calls.append(len(boxes))
         if len(boxes) > self.limit:
             raise OutOfDeviceMemory(f"{len(boxes)} boxes do not fit")
-        return self.inner.decoder(embedding, boxes)
+        return self.inner.decoder(embedding, boxes, last_call=last_call)
 
 
 def _with_decoder(session, fake):
@@ -205,8 +205,8 @@ def _with_decoder(session, fake):
         def __init__(self):
             self.__dict__.update(session.backend.__dict__)
 
-        def decoder(self, embedding, boxes):
-            return fake.decoder(embedding, boxes)
+        def decoder(self, embedding, boxes, *, last_call=False):
+            return fake.decoder(embedding, boxes, last_call=last_call)
 
     return CellSAM(Patched(), session.options)
 
@@ -260,3 +260,15 @@ def test_threads_share_one_session(session, cell_image):
         threaded = list(pool.map(lambda job: session.segment(job[0], boxes=job[1]), jobs))
     for a, b in zip(sequential, threaded):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cpu_calls_give_freed_heap_back_once_per_call(session, cell_image, monkeypatch):
+    import cellsam_trt.pipeline as pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "release_freed_host_memory", lambda: calls.append(1) or True)
+    boxes = user_boxes(3, *cell_image.shape[:2], seed=5)
+    session.segment(cell_image, boxes=boxes)
+    assert len(calls) == 1
+    session.segment_batch([cell_image, cell_image], boxes=[boxes, boxes])
+    assert len(calls) == 2  # one for the batch

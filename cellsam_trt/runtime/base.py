@@ -81,9 +81,13 @@ class Backend(abc.ABC):
         """images (B, 3, S, S) -> logits (B, Q, classes), boxes (B, Q, 4) cxcywh in [0, 1]."""
 
     @abc.abstractmethod
-    def decoder(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    def decoder(self, embedding: Tensor, boxes: Tensor, *, last_call: bool = False) -> tuple[Tensor, Tensor]:
         """embedding (1, C, S/16, S/16), boxes (N, 4) xyxy in S-space ->
         mask_logits (N, 1, S/4, S/4), iou (N, 1). N <= max_decoder_boxes.
+
+        ``last_call``: the caller's last decoder call for this embedding. A backend that
+        keeps buffers between decoder calls (ONNX Runtime's CPU arena) gives them back
+        after it, so they do not add to the next image's encoder peak.
 
         Raises OutOfDeviceMemory when the batch does not fit."""
 

@@ -158,6 +158,9 @@ class OnnxRuntimeBackend(Backend):
         self._gpu_id = self.device.index if self.device.type == "cuda" and self.device.index is not None else 0
         cache = Path(trt_cache_dir) if trt_cache_dir is not None else self.folder / "ort-trt-cache"
         self.sessions = {}
+        self._decoder_arena = cpu_arena is not False and not uses_gpu
+        self._release_arena = ort.RunOptions()
+        self._release_arena.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         for graph in GRAPH_NAMES:
             options = ort.SessionOptions()
             if threads is not None:
@@ -224,14 +227,14 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"onnx_dir: {path} has inputs/outputs {names}, expected {(spec.inputs, spec.outputs)}")
         return session
 
-    def _run(self, graph: str, inputs: dict[str, Tensor]) -> list[Tensor]:
+    def _run(self, graph: str, inputs: dict[str, Tensor], run_options=None) -> list[Tensor]:
         for name, tensor in inputs.items():
             check_input(graph, name, tensor, self.config)
         if self.io_binding:
             return self._run_bound(graph, inputs)
         feeds = {name: t.detach().to("cpu", torch.float32).contiguous().numpy() for name, t in inputs.items()}
         try:
-            outputs = self.sessions[graph].run(list(GRAPH_SPECS[graph].outputs), feeds)
+            outputs = self.sessions[graph].run(list(GRAPH_SPECS[graph].outputs), feeds, run_options)
         except Exception as err:
             raise _run_error(graph, err, inputs) from None
         return [torch.from_numpy(np.ascontiguousarray(o)).to(self.device) for o in outputs]
@@ -265,10 +268,13 @@ class OnnxRuntimeBackend(Backend):
         logits, boxes = in_batches(lambda part: self._run("cellfinder", {"image": part}), images, self.max_batch)
         return logits, boxes
 
-    def decoder(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    def decoder(self, embedding: Tensor, boxes: Tensor, *, last_call: bool = False) -> tuple[Tensor, Tensor]:
         if self.max_decoder_boxes is not None and len(boxes) > self.max_decoder_boxes:
             raise ValueError(f"boxes: {len(boxes)} boxes exceed max_decoder_boxes={self.max_decoder_boxes}; chunk them")
-        masks, iou = self._run("decoder", {"embedding": embedding, "boxes": boxes})
+        # ONNX Runtime gives arena memory back only at the end of a run that asks for it:
+        # the image's last decoder call does, so the next encoder call starts without it.
+        options = self._release_arena if last_call and self._decoder_arena else None
+        masks, iou = self._run("decoder", {"embedding": embedding, "boxes": boxes}, options)
         return masks, iou
 
     def describe(self) -> dict[str, Any]:

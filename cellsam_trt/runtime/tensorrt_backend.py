@@ -328,7 +328,7 @@ class TensorRTBackend(Backend):
         logits, boxes = self._images("cellfinder", images)
         return logits, boxes
 
-    def decoder(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    def decoder(self, embedding: Tensor, boxes: Tensor, *, last_call: bool = False) -> tuple[Tensor, Tensor]:
         check_input("decoder", "embedding", embedding, self.config)
         check_input("decoder", "boxes", boxes, self.config)
         if len(boxes) > self.max_decoder_boxes:

@@ -115,7 +115,7 @@ class TorchBackend(Backend):
         return logits.float(), boxes.float()
 
     @torch.inference_mode()
-    def decoder(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    def decoder(self, embedding: Tensor, boxes: Tensor, *, last_call: bool = False) -> tuple[Tensor, Tensor]:
         try:
             with self._context():
                 masks, iou = self.box_decoder(embedding.to(self.device), boxes.to(self.device, torch.float32))
