@@ -9,6 +9,9 @@ same image:
     default-cold  ``cellsam_trt.segment(image)`` with an empty artifact cache (the first call
                   exports the ONNX graphs), once
     default       ``cellsam_trt.segment(image)`` with the cache filled (a new process)
+    torch-VARIANT with ``--torch-variants``: the torch backend with other switches
+                  (``eager`` attention, ``bf16`` precision, ``compile``, or dash-joined
+                  combinations such as ``bf16-compile``), labels compared with ``torch``'s
 
 For each: load seconds, first call and later calls (seconds), peak RSS, RSS after each
 call (growth), cells; labels are compared with the released code's (matched-cell F1,
@@ -17,6 +20,7 @@ of this project) and ``pip install requests dask-image pyyaml``::
 
     python bench/bench_default.py --released ~/src/cellSAM --rounds 3
     python bench/bench_default.py --released ~/src/cellSAM --user-boxes 100
+    python bench/bench_default.py --released ~/src/cellSAM --torch-variants eager,bf16,compile
 
 Without ``--checkpoint`` it writes random ViT-B weights in the official layout, steered on
 the bench image (``cellsam_trt.testing``). The default image is a 512 x 512 crop of the
@@ -89,13 +93,14 @@ def worker(args: argparse.Namespace) -> int:
                 warnings.simplefilter("ignore")
                 return segment_cellular_image(image, model, normalize=True, device="cpu",
                                               bounding_boxes=None if boxes is None else boxes.tolist())[0], "released"
-    elif args.mode == "torch":
+    elif args.mode.startswith("torch"):
         import cellsam_trt
 
-        session = cellsam_trt.CellSAM.from_checkpoint(args.checkpoint, backend="torch", device="cpu")
+        options = torch_options(args.mode)
+        session = cellsam_trt.CellSAM.from_checkpoint(args.checkpoint, backend="torch", device="cpu", **options)
 
         def call():
-            return session.segment(image, boxes=boxes), "torch"
+            return session.segment(image, boxes=boxes), args.mode
     else:
         import cellsam_trt
 
@@ -114,6 +119,17 @@ def worker(args: argparse.Namespace) -> int:
     np.save(args.result.replace(".json", ".npy"), np.asarray(labels))
     Path(args.result).write_text(json.dumps(record))
     return 0
+
+
+TORCH_VARIANTS = {"eager": {"attention": "eager"}, "bf16": {"precision": "bf16"}, "compile": {"compile": True}}
+
+
+def torch_options(mode: str) -> dict:
+    """"torch" -> {} (the backend's defaults); "torch-bf16-compile" -> those variants' options."""
+    options: dict = {}
+    for variant in mode.split("-")[1:]:
+        options.update(TORCH_VARIANTS[variant])
+    return options
 
 
 def run_worker(mode: str, args: argparse.Namespace, files: dict[str, str], result: str, calls: int,
@@ -145,7 +161,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     w = sub.add_parser("worker")
-    w.add_argument("mode", choices=MODES)
+    w.add_argument("mode")
     for name in ("--checkpoint", "--image", "--result", "--released", "--boxes"):
         w.add_argument(name)
     w.add_argument("--calls", type=int, default=2)
@@ -155,6 +171,11 @@ def main() -> int:
     parser.add_argument("--crop", type=int, default=512, help="top-left crop side (default 512; 0: whole image)")
     parser.add_argument("--user-boxes", type=int, default=0, help="segment N random boxes instead of CellFinder's")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of released / torch / default")
+    parser.add_argument("--no-cold", action="store_true", help="skip the first call with an empty cache")
+    parser.add_argument("--torch-variants", default="",
+                        help="also run the torch backend with these switches, comma-separated, each a dash-joined "
+                             f"combination of {', '.join(TORCH_VARIANTS)} (e.g. eager,bf16,bf16-compile); "
+                             "their labels are compared with the default torch backend's")
     parser.add_argument("--calls", type=int, default=2, help="calls per process (the first includes warm-up)")
     parser.add_argument("--out", help="JSON report (default: bench/results/<device>/default-<date>.json)")
     args = parser.parse_args()
@@ -194,12 +215,18 @@ def main() -> int:
     if not env["OMP_NUM_THREADS"]:
         env.pop("OMP_NUM_THREADS")
 
-    runs: dict[str, list[dict]] = {m: [] for m in MODES}
-    print("default-cold: empty cache, the first call exports", file=sys.stderr)
-    cold = run_worker("default", args, files, str(work / "cold.json"), 1, env)
+    variants = [f"torch-{v}" for v in args.torch_variants.split(",") if v]
+    for mode in variants:
+        torch_options(mode)  # unknown switches fail here, before hours of running
+    modes = (*MODES, *variants)
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    cold = None
+    if not args.no_cold:
+        print("default-cold: empty cache, the first call exports", file=sys.stderr)
+        cold = run_worker("default", args, files, str(work / "cold.json"), 1, env)
     for r in range(args.rounds):
         print(f"round {r + 1} of {args.rounds}", file=sys.stderr)
-        for mode in MODES:
+        for mode in modes:
             runs[mode].append(run_worker(mode, args, files, str(work / f"{mode}-{r}.json"), args.calls, env))
 
     reference = runs["released"][0]["labels"]
@@ -229,14 +256,16 @@ def main() -> int:
         "boxes": f"{args.user_boxes} user boxes" if args.user_boxes else "CellFinder",
         "rounds": args.rounds, "calls_per_process": args.calls,
         "results": {mode: summary(records) for mode, records in runs.items()},
-        "default_cold": {"first_call_seconds": cold["calls"][0]["seconds"], "load_seconds": cold["load_seconds"],
-                         "peak_rss_gib": cold["peak_rss_gib"], "backend": cold["calls"][0]["backend"]},
+        "default_cold": None if cold is None else {
+            "first_call_seconds": cold["calls"][0]["seconds"], "load_seconds": cold["load_seconds"],
+            "peak_rss_gib": cold["peak_rss_gib"], "backend": cold["calls"][0]["backend"]},
     }
-    report["results"]["default"]["agreement_with_torch"] = {
-        k: v for k, v in label_agreement(runs["torch"][0]["labels"], runs["default"][0]["labels"]).items()
-        if k in ("f1", "foreground_agreement", "iou_p5", "differing_pixels")}
+    for mode in ("default", *variants):
+        report["results"][mode]["agreement_with_torch"] = {
+            k: v for k, v in label_agreement(runs["torch"][0]["labels"], runs[mode][0]["labels"]).items()
+            if k in ("f1", "foreground_agreement", "iou_min", "iou_p5", "differing_pixels")}
     released = report["results"]["released"]["later_call_seconds"] or report["results"]["released"]["first_call_seconds"]
-    for mode in ("torch", "default"):
+    for mode in ("torch", "default", *variants):
         res = report["results"][mode]
         res["speedup_later_calls"] = released / (res["later_call_seconds"] or res["first_call_seconds"])
         res["speedup_first_call"] = report["results"]["released"]["first_call_seconds"] / res["first_call_seconds"]
@@ -263,7 +292,7 @@ def markdown(report: dict) -> str:
         "| configuration | backend | load (s) | first call (s) | later calls (s) | speed-up (later calls) | peak RSS (GiB) | RSS after each call (GiB) | cells | F1 vs released | foreground agreement |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode in MODES:
+    for mode in res:
         r = res[mode]
         speed = f"{r['speedup_later_calls']:.2f}x" if "speedup_later_calls" in r else "1.00x"
         later = f"{r['later_call_seconds']:.1f}" if r["later_call_seconds"] is not None else "-"
@@ -271,11 +300,18 @@ def markdown(report: dict) -> str:
         lines.append(f"| {mode} | {r['backend']} | {r['load_seconds']:.1f} | {r['first_call_seconds']:.1f} | {later} | "
                      f"{speed} | {r['peak_rss_gib']:.2f} | {r['rss_after_calls_gib'][0]} | {r['cells']} | "
                      f"{agree['f1']:.3f} | {agree['foreground_agreement']:.5f} |")
-    to_torch = res["default"].get("agreement_with_torch")
-    if to_torch:
-        lines += ["", f"Default against the torch backend: matched-cell F1 {to_torch['f1']:.3f}, foreground agreement "
-                      f"{to_torch['foreground_agreement']:.5f}, {to_torch['differing_pixels']} differing pixels."]
+    compared = [mode for mode in res if res[mode].get("agreement_with_torch")]
+    if compared:
+        lines += ["", "Against the torch backend's labels (default options):", "",
+                  "| configuration | matched-cell F1 | per-cell IoU min | foreground agreement | differing pixels |",
+                  "|---|---|---|---|---|"]
+        for mode in compared:
+            a = res[mode]["agreement_with_torch"]
+            iou_min = "-" if a["iou_min"] is None else f"{a['iou_min']:.3f}"
+            lines.append(f"| {mode} | {a['f1']:.3f} | {iou_min} | {a['foreground_agreement']:.5f} | {a['differing_pixels']} |")
     cold = report["default_cold"]
+    if cold is None:
+        return "\n".join([*lines, ""])
     lines += ["", f"First call with an empty cache (exports the graphs, in a child process): "
                   f"{cold['first_call_seconds']:.1f} s, backend {cold['backend']}, peak RSS of the calling process "
                   f"{cold['peak_rss_gib']:.2f} GiB.", ""]

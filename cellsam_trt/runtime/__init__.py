@@ -35,7 +35,7 @@ def create_backend(
             over is logged with the reason.
             "onnxruntime" / "tensorrt": the graphs or engines in ``onnx_dir`` /
             ``engine_dir`` when given, else those of the artifact cache, made on first use.
-            "torch": the PyTorch modules, eager.
+            "torch": the PyTorch modules.
         checkpoint: weights file in the released format (None: the default location).
             Graphs and engines must have been made from it (sha256 in their manifest).
         device: torch device for inputs/outputs and post-processing (default: CUDA when
@@ -46,7 +46,7 @@ def create_backend(
         build: allow exporting graphs / building engines into the cache (default: yes,
             unless ``CELLSAM_TRT_NO_BUILD=1``).
         **options: ``onnx_dir``, ``engine_dir``, and backend-specific options
-            (torch: precision; onnxruntime: providers, max_decoder_boxes, threads;
+            (torch: precision, attention, compile; onnxruntime: providers, max_decoder_boxes, threads;
             tensorrt: verify_hashes). With "auto", options a backend does not take are
             not passed to it.
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..modeling import BoxDecoder, CellSAMNetwork
+from ..modeling.attention import use_sdpa
 from .base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, release_cached_memory
 
 
@@ -62,6 +63,10 @@ def inference_copy(module: nn.Module, device: torch.device | str) -> nn.Module:
     return copy.deepcopy(module, memo).eval()
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+ATTENTIONS = ("sdpa", "eager")
+
+
 class TorchBackend(Backend):
     """Runs the PyTorch modules of a ``CellSAMNetwork``.
 
@@ -69,18 +74,36 @@ class TorchBackend(Backend):
         network: loaded weights; left as it is (the parts that run are used through
             ``inference_copy``: shared when already float32 on ``device``, else copied).
         device: torch device (default: CUDA if available).
-        precision: "fp32", or "fp16" (CUDA autocast) for speed at a small accuracy cost.
+        precision: "fp32" (default); "bf16" (autocast to bfloat16, CPU or a CUDA GPU that
+            supports it) or "fp16" (CUDA autocast) for speed at an accuracy cost that
+            ``cellsam-trt bench`` measures (``accuracy.precision_agreement``).
+        attention: "sdpa" (default) runs the image encoders' attention on PyTorch's fused
+            ``scaled_dot_product_attention`` (``modeling.attention``); "eager" keeps SAM's
+            written-out softmax. Same labels; the fused kernel does not keep the
+            (heads, L, L) scores and their softmax.
+        compile: ``torch.compile`` the three modules (opt-in: the first call of each shape
+            pays the compilation; ``cellsam-trt bench`` reports that cost).
     """
 
     name = "torch"
 
-    def __init__(self, network: CellSAMNetwork, device: str | torch.device | None = None, precision: str = "fp32") -> None:
-        if precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision: expected 'fp32' or 'fp16', got {precision!r}")
+    def __init__(self, network: CellSAMNetwork, device: str | torch.device | None = None, precision: str = "fp32",
+                 attention: str = "sdpa", compile: bool = False) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type != "cuda":
-            raise BackendError("precision='fp16' needs a CUDA device; the CPU runs fp32")
+            raise BackendError(
+                "precision='fp16' needs a CUDA device: PyTorch's CPU kernels compute float16 slowly or not at "
+                "all; on the CPU use precision='bf16' (bfloat16, fast on CPUs with AVX512-BF16 or AMX) or 'fp32'"
+            )
+        if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise BackendError(f"precision='bf16': {torch.cuda.get_device_name(self.device)} has no bfloat16 support; "
+                               "use precision='fp16' or 'fp32'")
         self.precision = precision
+        self.attention = attention
         self.config = network.config
         self.adapted_inputs = network.uses_model_cp
         sam = network.sam
@@ -90,18 +113,26 @@ class TorchBackend(Backend):
             "image_encoder": sam.image_encoder, "cellfinder": network.cellfinder.decode_head,
             "prompt_encoder": sam.prompt_encoder, "mask_decoder": sam.mask_decoder,
         }), self.device)
+        if attention == "sdpa":
+            use_sdpa(parts)  # our copy's tree: the caller's modules keep SAM's attention
         self.image_encoder = parts["image_encoder"]
         self.cellfinder_module = parts["cellfinder"]
         self.box_decoder = BoxDecoder(parts["prompt_encoder"], parts["mask_decoder"])
+        self.compiled = bool(compile)
+        if compile:
+            self.image_encoder = torch.compile(self.image_encoder)
+            self.cellfinder_module = torch.compile(self.cellfinder_module)
+            self.box_decoder = torch.compile(self.box_decoder)
         # Measured, ViT-B decoder in torch on 2 CPU cores: 31-34 ms per box in calls of 2-4
         # boxes, 51-55 ms in calls of 16-64 (the activations of a large call leave the
         # caches). Accelerators want large calls.
         self.default_chunk_size = 4 if self.device.type == "cpu" else 256
 
     def _context(self):
-        if self.precision == "fp16":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.inference_mode()
     def encoder(self, images: Tensor) -> Tensor:
@@ -130,4 +161,5 @@ class TorchBackend(Backend):
         raise OutOfDeviceMemory(message)
 
     def describe(self) -> dict:
-        return {"backend": self.name, "device": str(self.device), "precision": self.precision}
+        return {"backend": self.name, "device": str(self.device), "precision": self.precision,
+                "attention": self.attention, "compiled": self.compiled}

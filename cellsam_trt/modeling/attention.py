@@ -1,0 +1,82 @@
+"""SAM's image-encoder attention on ``torch.nn.functional.scaled_dot_product_attention``.
+
+SAM's ``Attention`` (segment_anything.modeling.image_encoder) writes attention out:
+``softmax((q * scale) @ k^T + relative-position bias) @ v``, which materialises the
+scores, the biased scores and their softmax, each (B * heads, L, L); in a global block of
+ViT-B (L = 64 x 64) that is 0.8 GB per tensor in float32. ``SDPAttention`` hands the same
+computation to PyTorch's fused kernel, with the decomposed relative-position bias as its
+additive mask, so only the bias is materialised.
+
+The torch backend swaps it in on its own copy of the modules (``use_sdpa``); the parameter
+names stay ``qkv``, ``proj``, ``rel_pos_h``, ``rel_pos_w``, so state dicts are unchanged.
+The ONNX export keeps SAM's formulation: its graphs (and the engines built from them) are
+not affected.
+"""
+from __future__ import annotations
+
+import torch
+from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class SDPAttention(nn.Module):
+    """SAM image-encoder attention, x (B, H, W, C) -> (B, H, W, C), on a fused kernel.
+
+    Built from a SAM ``Attention`` whose parameters it shares.
+    """
+
+    def __init__(self, attention: Attention) -> None:
+        super().__init__()
+        self.num_heads = attention.num_heads
+        self.scale = attention.scale
+        self.qkv = attention.qkv
+        self.proj = attention.proj
+        self.use_rel_pos = attention.use_rel_pos
+        if self.use_rel_pos:
+            self.rel_pos_h = attention.rel_pos_h
+            self.rel_pos_w = attention.rel_pos_w
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, _ = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, heads, L, d)
+        q, k, v = qkv.unbind(0)
+        bias = None
+        if self.use_rel_pos:
+            bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w)).to(q.dtype)
+        # SAM scales by head_dim ** -0.5, which is also the kernel's default scale
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+
+def relative_position_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
+    """SAM's decomposed relative-position term as an additive mask.
+
+    q: (B, heads, L, d) unscaled queries, L = h * w -> (B, heads, L, L): entry (i, j) is
+    q_i . Rh[row(i) - row(j)] + q_i . Rw[col(i) - col(j)], what SAM's
+    ``add_decomposed_rel_pos`` adds to the scores.
+    """
+    h, w = size
+    b, heads, length, d = q.shape
+    rh = get_rel_pos(h, h, rel_pos_h)  # (h, h, d)
+    rw = get_rel_pos(w, w, rel_pos_w)  # (w, w, d)
+    r_q = q.reshape(b, heads, h, w, d)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)  # (B, heads, h, w, h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, heads, h, w, w)
+    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, length, length)
+
+
+def use_sdpa(module: nn.Module) -> int:
+    """Replace every SAM image-encoder ``Attention`` inside ``module`` (in place) by an
+    ``SDPAttention`` sharing its parameters. Returns how many were replaced.
+
+    Only for module trees the caller owns (the torch backend's inference copy).
+    """
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Attention):
+                setattr(parent, name, SDPAttention(child))
+                replaced += 1
+    return replaced
