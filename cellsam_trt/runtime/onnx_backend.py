@@ -158,7 +158,6 @@ class OnnxRuntimeBackend(Backend):
         self._gpu_id = self.device.index if self.device.type == "cuda" and self.device.index is not None else 0
         cache = Path(trt_cache_dir) if trt_cache_dir is not None else self.folder / "ort-trt-cache"
         self.sessions = {}
-        self._decoder_arena = cpu_arena is not False and not uses_gpu
         self._release_arena = ort.RunOptions()
         self._release_arena.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         for graph in GRAPH_NAMES:
@@ -173,6 +172,9 @@ class OnnxRuntimeBackend(Backend):
             # (bench/NOTES.md, section 4).
             options.enable_cpu_mem_arena = (graph == "decoder") if cpu_arena is None else cpu_arena
             self.sessions[graph] = self._session(ort, graph, options, cache, trt_max_batch)
+        # what the decoder's last call of an image gives back (GPU providers keep their
+        # activations on the device)
+        self._decoder_arena = self.sessions["decoder"].get_session_options().enable_cpu_mem_arena and not uses_gpu
         self._shapes = {g: self.manifest.shapes(g) for g in GRAPH_NAMES}
 
     def _provider_list(self, graph: str, cache: Path, trt_max_batch: int) -> list:

@@ -123,9 +123,9 @@ class TorchBackend(Backend):
             self.image_encoder = torch.compile(self.image_encoder)
             self.cellfinder_module = torch.compile(self.cellfinder_module)
             self.box_decoder = torch.compile(self.box_decoder)
-        # Measured, ViT-B decoder in torch on 2 CPU cores: 31-34 ms per box in calls of 2-4
-        # boxes, 51-55 ms in calls of 16-64 (the activations of a large call leave the
-        # caches). Accelerators want large calls.
+        # Measured, ViT-B decoder in torch on 2 CPU cores: 39-43 ms per box in calls of 2-4
+        # boxes, 54 ms in calls of 8-16 (the activations of a large call leave the caches).
+        # Accelerators want large calls.
         self.default_chunk_size = 4 if self.device.type == "cpu" else 256
 
     def _context(self):
