@@ -2,20 +2,21 @@
 # The GPU measurements of bench/NOTES.md ("Next, on a GPU") and the CUDA tests, in as few
 # commands as possible, each step degrading row by row instead of stopping.
 #
-# Here, once (the GPU image lacks only segment-anything among what these steps import):
+# Here, once (the GPU image lacks segment-anything and platformdirs among what these steps
+# import; the torch step also needs the released code, whose sample image it segments):
 #     bash bench/gpu_session.sh fetch-wheels            # -> .whl/ (git-ignored)
-# On the GPU host, two commands of at most 10 minutes each (predicted 2-3 and 5-7 minutes
-# on an H100; every step also has its own time limit, so a slow step cannot take the rest
-# down):
-#     bash bench/gpu_session.sh tests decoder           # CUDA tests, decoder alone
-#     bash bench/gpu_session.sh bench                   # the latency report
+#     RELEASED=~/src/cellSAM bash bench/gpu_session.sh fetch-released   # -> .released/
+# On the GPU host, in one command of under 10 minutes (every step has its own time limit,
+# so a slow step cannot take the rest down; the budget is the sum of the limits):
+#     bash bench/gpu_session.sh tests torch bench       # CUDA tests, torch switches, latency
+#     bash bench/gpu_session.sh decoder                 # the decoder alone (another command)
 # On a CPU, to check this script itself in about two minutes (it simulates an
 # out-of-memory row in the decoder step and in the bench, which must be reported):
 #     OUT=/tmp/gpu-session SMOKE=1 bash bench/gpu_session.sh tests decoder bench
 #
 # Everything lands in $OUT: machine.txt, summary.txt (one line per step and per failed
-# row), tests.log, decoder.jsonl, decoder.log, bench.log and the bench report
-# (results/<device>/<date>.json|md|png, two folders down).
+# row), tests.log, torch.log with torch-switches.json|md, decoder.jsonl, decoder.log,
+# bench.log and the bench report (results/<device>/<date>.json|md|png, two folders down).
 #
 # Exit status: 0 when every step ran to its end, rows that ran out of memory or whose
 # backend is missing (TensorRT, onnxruntime-gpu) included: they are listed in summary.txt
@@ -29,7 +30,13 @@ PY=${PYTHON:-python3}
 if [ "$1" = fetch-wheels ]; then
     # the device's python is 3.12; pip fetches from here, nothing is fetched there
     exec $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "segment-anything==1.0"
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "segment-anything==1.0" "platformdirs>=3"
+fi
+if [ "$1" = fetch-released ]; then
+    # the released package and the sample image the torch step segments (under 1 MB)
+    src=${RELEASED:?set RELEASED to a vanvalenlab/cellSAM checkout}
+    mkdir -p .released/sample_imgs && cp -r "$src/cellSAM" .released/ && cp "$src/sample_imgs/tissuenet.png" .released/sample_imgs/
+    exit
 fi
 
 OUT=${OUT:?set OUT to a folder for the results}
@@ -47,24 +54,34 @@ fi
     $PY -c "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 } >> "$OUT/machine.txt"
 
+RELEASED=${RELEASED:-.released}
 if [ -n "$SMOKE" ]; then
+    # ViT-B even here (the released code builds nothing smaller), on a 128 x 128 crop
+    TORCH_ARGS="--device cpu --crop 128 --modes released,torch --torch-variants eager --rounds 1 --calls 1 --no-cold
+                ${CHECKPOINT:+--checkpoint $CHECKPOINT}"
     DECODER_FP16_ARGS=""
     DECODER_FP32_ARGS="--config tiny --n 4,16 --repeats 2 --device cpu"
     BENCH_ARGS="--smoke"
     # one row of each kind runs out of memory, as SAM's decoder call at N = 3500 does on an
     # 80 GB GPU: the steps must report it and go on
     export CELLSAM_TRT_BENCH_SIMULATE_OOM=${CELLSAM_TRT_BENCH_SIMULATE_OOM-decoder/sam_repeat/16,torch-fp32/user/10}
-    LIMIT_TESTS=600 LIMIT_SUITE=1200 LIMIT_DECODER=300 LIMIT_BENCH=600
+    LIMIT_TESTS=600 LIMIT_SUITE=1200 LIMIT_DECODER=300 LIMIT_BENCH=600 LIMIT_TORCH=900
 else
+    # seconds: "tests torch bench" stays under 10 minutes even when every step uses all of its time
+    LIMIT_TESTS=${LIMIT_TESTS:-100} LIMIT_SUITE=${LIMIT_SUITE:-540} LIMIT_DECODER=${LIMIT_DECODER:-180}
+    LIMIT_TORCH=${LIMIT_TORCH:-330} LIMIT_BENCH=${LIMIT_BENCH:-130}
+    # every torch switch on the 512 x 512 tissue crop, CellFinder path, each configuration in
+    # its own process after the released per-box loop on the same GPU; a configuration that
+    # fails, passes 150 s or would start after the step's budget is a row of the report.
+    # (default segment() is torch fp32 on a GPU host without TensorRT or onnxruntime-gpu.)
+    TORCH_ARGS="--device cuda --modes released,torch --rounds 1 --calls 2 --no-cold --worker-timeout 150
+                --torch-variants eager,bf16,fp16,cudagraphs,fp16-cudagraphs,compile --budget $((LIMIT_TORCH - 25))"
     DECODER_FP16_ARGS="--config cellsam-vit-b --n 256,1024,3500 --fp16 --repeats 5"
     DECODER_FP32_ARGS="--config cellsam-vit-b --n 256,1024,3500 --repeats 5"
     # onnxruntime on the image is CPU-only (minutes per row at ViT-B size) and TensorRT is
     # absent: torch only here; a backend that is missing is listed in the report anyway
-    BENCH_ARGS="--config cellsam-vit-b --n 1,10,100,500,1000,2000,3500 --backends torch-fp32,torch-fp16
-                --cap baseline=1000 --painter"
-    # seconds; the two commands above stay under 10 minutes even when every step uses all of its time
-    LIMIT_TESTS=${LIMIT_TESTS:-180} LIMIT_SUITE=${LIMIT_SUITE:-540} LIMIT_DECODER=${LIMIT_DECODER:-180}
-    LIMIT_BENCH=${LIMIT_BENCH:-540}
+    BENCH_ARGS="--config cellsam-vit-b --n 1,10,100,1000,3500 --backends torch-fp32,torch-fp16
+                --cap baseline=1000 --repeats 3 --baseline-repeats 2"
 fi
 
 status=0
@@ -87,9 +104,18 @@ run_step() {
 
 for step in "$@"; do
     case $step in
-        tests)  # the CUDA parity and fp16 accuracy tests, which skip on a CPU
-            run_step tests "$LIMIT_TESTS" "$OUT/tests.log" $PY -m pytest -q -rs \
-                tests/test_pipeline.py::test_cuda_matches_cpu tests/test_accuracy.py::test_fp16_meets_the_design_bar ;;
+        tests)  # the CUDA tests (parity, fp16 accuracy, CUDA graphs, fused attention), which skip on a CPU
+            run_step tests "$LIMIT_TESTS" "$OUT/tests.log" $PY -m pytest -q -rs -p no:cacheprovider \
+                tests/test_pipeline.py::test_cuda_matches_cpu tests/test_accuracy.py::test_fp16_keeps_fp32s_boxes_and_foreground \
+                tests/test_torch_backend.py -k "cuda or fused or fp16_keeps" ;;
+        torch)  # the torch backend's switches side by side against the released loop (bench_default.py)
+            if [ ! -f "$RELEASED/cellSAM/sam_inference.py" ]; then
+                note "torch: FAILED, no released code in $RELEASED (bash bench/gpu_session.sh fetch-released)"; status=1
+                continue
+            fi
+            run_step torch "$LIMIT_TORCH" "$OUT/torch.log" $PY bench/bench_default.py --released "$RELEASED" \
+                $TORCH_ARGS --out "$OUT/torch-switches.json"
+            [ -f "$OUT/torch-switches.md" ] && sed -n '/^| configuration/,$p' "$OUT/torch-switches.md" >> "$OUT/summary.txt" ;;
         suite)  # the whole test suite (on the GPU host: the CUDA tests run instead of skipping)
             run_step suite "$LIMIT_SUITE" "$OUT/suite.log" $PY -m pytest -q -rs ;;
         decoder)  # SAM's batched call against BoxDecoder: fp16 (CUDA only), then fp32, one JSON line per row
@@ -127,7 +153,7 @@ for row in report["skipped"]:
 EOF
             ;;
         *)
-            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | tests | suite | decoder | bench)" >&2; exit 2 ;;
+            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | suite | decoder | bench)" >&2; exit 2 ;;
     esac
 done
 echo "--- summary ($OUT/summary.txt)"

@@ -55,3 +55,13 @@ def _artifact_cache(tmp_path_factory):
         os.environ.pop("CELLSAM_TRT_CACHE", None)
     else:
         os.environ["CELLSAM_TRT_CACHE"] = old
+
+
+@pytest.fixture()
+def no_tf32():
+    """Full fp32 matmuls and convolutions on CUDA for the test, as on the CPU (cuDNN's
+    default is TF32, a 10-bit mantissa); the flags are restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -159,16 +159,6 @@ def test_optional_cleanups_run(session, cell_image, finder_result):
     assert smooth.shape == cell_image.shape[:2] and smooth.dtype == np.int32
 
 
-@pytest.fixture()
-def no_tf32():
-    """Full fp32 matmuls and convolutions on CUDA for the test, as on the CPU (cuDNN's
-    default is TF32, a 10-bit mantissa); the flags are restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def test_cuda_matches_cpu(steered_tiny, cell_image, finder_result, no_tf32):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (torch sees none)")

@@ -126,3 +126,46 @@ def test_torch_decoder_turns_allocation_failures_into_out_of_device_memory(tiny,
     with pytest.raises(expected) as info:
         backend.decoder(embedding, torch.tensor([[0.0, 0.0, 10.0, 10.0]]))
     assert isinstance(info.value, OutOfDeviceMemory) == retried
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_graphs_on_the_cpu_are_refused_with_the_alternative(tiny):
+    with pytest.raises(BackendError, match="cuda_graphs=True needs a CUDA device.*leave cuda_graphs off"):
+        TorchBackend(tiny, device="cpu", cuda_graphs=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graph_replays_give_the_decoders_outputs(steered_tiny, cell_image, no_tf32, precision):
+    from cellsam_trt import CellSAM
+
+    plain = TorchBackend(steered_tiny, device="cuda", precision=precision)
+    graphs = TorchBackend(steered_tiny, device="cuda", precision=precision, cuda_graphs=True)
+    embedding = plain.encoder(torch.randn(1, 3, *[steered_tiny.config.image_size] * 2, device="cuda"))
+    rng = torch.Generator().manual_seed(0)
+    for n in (5, 16, 40, 3):  # padded to 16, 16, 64, 16: one graph is replayed with new boxes
+        corner = torch.rand(n, 2, generator=rng) * 0.7 * steered_tiny.config.image_size
+        boxes = torch.cat([corner, corner + 20 + 80 * torch.rand(n, 2, generator=rng)], 1)
+        want = plain.decoder(embedding, boxes)
+        got = graphs.decoder(embedding, boxes)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            tolerance = 1e-4 if precision == "fp32" else 2e-2
+            assert torch.allclose(a, b, rtol=tolerance, atol=tolerance * b.abs().max().item()), (n, (a - b).abs().max())
+    assert sorted(size for size, _ in graphs.captured_decoder.graphs) == [16, 64]
+    # the padded calls may take other GEMM algorithms: cells compared, not bits
+    from cellsam_trt.accuracy import label_agreement
+
+    out = label_agreement(CellSAM(plain).segment(cell_image), CellSAM(graphs).segment(cell_image))
+    assert out["reference_cells"] >= 5 and out["f1"] >= 0.99 and out["foreground_agreement"] >= 0.9999, out
+
+
+@needs_cuda
+def test_fused_attention_matches_eager_on_cuda(steered_tiny, no_tf32):
+    images = torch.randn(2, 3, *[steered_tiny.config.image_size] * 2, device="cuda")
+    fused = TorchBackend(steered_tiny, device="cuda").encoder(images)
+    eager = TorchBackend(steered_tiny, device="cuda", attention="eager").encoder(images)
+    assert (fused - eager).abs().max().item() <= 1e-4 * max(1.0, eager.abs().max().item())

@@ -83,12 +83,15 @@ class TorchBackend(Backend):
             (heads, L, L) scores and their softmax.
         compile: ``torch.compile`` the three modules (opt-in: the first call of each shape
             pays the compilation; ``cellsam-trt bench`` reports that cost).
+        cuda_graphs: replay the box decoder from CUDA graphs (opt-in, CUDA only): one graph
+            per padded chunk size, captured on first use, so a chunk costs one launch instead
+            of the decoder's few hundred kernel launches (``CapturedDecoder``).
     """
 
     name = "torch"
 
     def __init__(self, network: CellSAMNetwork, device: str | torch.device | None = None, precision: str = "fp32",
-                 attention: str = "sdpa", compile: bool = False) -> None:
+                 attention: str = "sdpa", compile: bool = False, cuda_graphs: bool = False) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         if attention not in ATTENTIONS:
@@ -102,6 +105,9 @@ class TorchBackend(Backend):
         if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise BackendError(f"precision='bf16': {torch.cuda.get_device_name(self.device)} has no bfloat16 support; "
                                "use precision='fp16' or 'fp32'")
+        if cuda_graphs and self.device.type != "cuda":
+            raise BackendError(f"cuda_graphs=True needs a CUDA device, not {self.device}: CUDA graphs replay GPU "
+                               "kernel launches; leave cuda_graphs off on the CPU")
         self.precision = precision
         self.attention = attention
         self.config = network.config
@@ -123,6 +129,7 @@ class TorchBackend(Backend):
             self.image_encoder = torch.compile(self.image_encoder)
             self.cellfinder_module = torch.compile(self.cellfinder_module)
             self.box_decoder = torch.compile(self.box_decoder)
+        self.captured_decoder = CapturedDecoder(self.box_decoder, self._context, self.device) if cuda_graphs else None
         # Measured, ViT-B decoder in torch on 2 CPU cores: 39-43 ms per box in calls of 2-4
         # boxes, 54 ms in calls of 8-16 (the activations of a large call leave the caches).
         # Accelerators want large calls.
@@ -148,8 +155,12 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def decoder(self, embedding: Tensor, boxes: Tensor, *, last_call: bool = False) -> tuple[Tensor, Tensor]:
         try:
-            with self._context():
-                masks, iou = self.box_decoder(embedding.to(self.device), boxes.to(self.device, torch.float32))
+            embedding, boxes = embedding.to(self.device), boxes.to(self.device, torch.float32)
+            if self.captured_decoder is not None:
+                masks, iou = self.captured_decoder(embedding, boxes)
+            else:
+                with self._context():
+                    masks, iou = self.box_decoder(embedding, boxes)
             return masks.float(), iou.float()
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError, and cuBLAS/cuDNN allocation failures
             if not is_out_of_memory(err):
@@ -162,4 +173,72 @@ class TorchBackend(Backend):
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device), "precision": self.precision,
-                "attention": self.attention, "compiled": self.compiled}
+                "attention": self.attention, "compiled": self.compiled,
+                "cuda_graphs": self.captured_decoder is not None}
+
+
+class CapturedDecoder:
+    """A box decoder replayed from CUDA graphs.
+
+    Calls are padded to the next power of two (at least 16 boxes), so the pipeline's fixed
+    chunks and its one shorter last chunk use a handful of graphs, each captured the first
+    time its size is seen (after two warm-up runs on a side stream, as CUDA graph capture
+    requires) and sharing one memory pool. Padding rows repeat the first box and are
+    dropped from the outputs.
+
+    Args:
+        decoder: the module, called as ``decoder(embedding, boxes)``.
+        context: returns the autocast context the decoder runs under.
+        device: the CUDA device.
+
+    Call: ``(embedding (1, C, h, w) float32, boxes (N, 4) float32)`` on ``device`` ->
+    ``(masks (N, 1, 4h, 4w), iou (N, 1))``, copies that the next call does not overwrite.
+    """
+
+    MIN_BOXES = 16
+
+    def __init__(self, decoder: nn.Module, context, device: torch.device) -> None:
+        self.decoder = decoder
+        self.context = context
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple] = {}  # key -> (graph, static embedding, static boxes, outputs)
+
+    def __call__(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        n = len(boxes)
+        size = max(self.MIN_BOXES, 1 << (n - 1).bit_length())
+        key = (size, tuple(embedding.shape))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(size, embedding)
+        graph, static_embedding, static_boxes, (masks, iou) = self.graphs[key]
+        static_embedding.copy_(embedding)
+        static_boxes[:n].copy_(boxes)
+        static_boxes[n:].copy_(boxes[:1].expand(size - n, -1))
+        graph.replay()
+        return masks[:n].clone(), iou[:n].clone()
+
+    def _capture(self, size: int, embedding: Tensor) -> tuple:
+        static_embedding = embedding.clone()
+        static_boxes = torch.zeros(size, 4, device=self.device)
+        static_boxes[:, 2:] = 1.0  # a valid box until real ones are copied in
+
+        def run():
+            with self.context():
+                return self.decoder(static_embedding, static_boxes)
+
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = run()
+        except RuntimeError as err:
+            if is_out_of_memory(err):
+                raise
+            raise BackendError(f"cuda_graphs: the decoder could not be captured in a CUDA graph "
+                               f"({size} boxes): {err}; use cuda_graphs=False") from err
+        return graph, static_embedding, static_boxes, outputs
