@@ -21,6 +21,7 @@ import argparse
 import csv
 import glob
 import logging
+import os
 import sys
 import time
 import warnings
@@ -182,14 +183,30 @@ class Outputs:
         return all(p.exists() for p in self.all())
 
 
-def cell_rows(labels: np.ndarray, details: Any) -> list[list]:
-    """One row per label present: label, x1, y1, x2, y2, score, iou, area, centroid_y, centroid_x."""
-    flat = labels.ravel().astype(np.int64)
-    n = int(flat.max()) + 1 if flat.size else 1
-    area = np.bincount(flat, minlength=n)
-    ys, xs = np.divmod(np.arange(flat.size), labels.shape[1])
-    cy = np.bincount(flat, weights=ys, minlength=n) / np.maximum(area, 1)
-    cx = np.bincount(flat, weights=xs, minlength=n) / np.maximum(area, 1)
+def cell_rows(labels: Any, details: Any, block: int = 4096) -> list[list]:
+    """One row per label present: label, x1, y1, x2, y2, score, iou, area, centroid_y, centroid_x.
+
+    ``labels`` (H, W) is a numpy array or an array read region by region (zarr): areas and
+    centroids are summed over ``block``-sized regions, so a label image larger than memory
+    works.
+    """
+    height, width = (int(v) for v in labels.shape)
+    n = len(details.iou) + 1
+    area, sum_y, sum_x = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
+    for y0 in range(0, height, block):
+        for x0 in range(0, width, block):
+            part = np.asarray(labels[y0:y0 + block, x0:x0 + block]).astype(np.int64)
+            flat = part.ravel()
+            top = int(flat.max()) + 1 if flat.size else 1
+            if top > n:  # labels beyond the table (not expected): grow the sums
+                area, sum_y, sum_x = (np.pad(a, (0, top - n)) for a in (area, sum_y, sum_x))
+                n = top
+            ys, xs = np.divmod(np.arange(flat.size), part.shape[1])
+            area += np.bincount(flat, minlength=n)
+            sum_y += np.bincount(flat, weights=ys + y0, minlength=n)
+            sum_x += np.bincount(flat, weights=xs + x0, minlength=n)
+    cy = sum_y / np.maximum(area, 1)
+    cx = sum_x / np.maximum(area, 1)
 
     def num(v, digits=2):
         return "" if not np.isfinite(v) else round(float(v), digits)
@@ -246,12 +263,14 @@ def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Nam
         if args.no_tiling:
             source = ImageSource(image, axis)
             full = source.read(0, source.height, 0, source.width)
-            labels, seg = session.segment(full, channel_axis=-1, return_details=True, **options)
+            labels, seg = session.segment(full, channel_axis=-1, return_details=True, tile_size=None, **options)
             details = details_from_segmentation(labels, seg)
+        elif _streams(image, axis, args):
+            return _segment_streamed(session, image, axis, outputs, args, options)
         else:
             labels, details = segment_large(session, image, tile_size=args.tile_size, overlap=args.overlap,
                                             batch_size=args.batch_size, channel_axis=axis, return_details=True,
-                                            **options)
+                                            stream=False, **options)
     # outputs first, labels last: with --resume an interrupted image is redone
     if outputs.cells is not None:
         write_cells_csv(outputs.cells, cell_rows(labels, details))
@@ -260,6 +279,47 @@ def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Nam
         write_png(outputs.overlay, overlay(source.read(0, source.height, 0, source.width), labels))
     write_labels_tiff(outputs.labels, labels)
     return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
+
+
+def _streams(image: Any, axis: int | None, args: argparse.Namespace) -> bool:
+    """Whether an image is too large to hold its tiled run in memory (``memory.tiled_host_bytes``)."""
+    from . import memory
+    from .tiling import ImageSource, TileGrid
+
+    source = ImageSource(image, axis)
+    if max(source.shape) <= args.tile_size:
+        return False
+    grid = TileGrid.plan(source.height, source.width, args.tile_size, args.overlap)
+    estimate = memory.tiled_host_bytes(source.height, source.width, grid, args.batch_size, bool(args.clahe))
+    return estimate["in_memory"] > memory.STREAM_ABOVE_BYTES
+
+
+def _segment_streamed(session: Any, image: Any, axis: int | None, outputs: Outputs, args: argparse.Namespace,
+                      options: dict) -> int:
+    """A large image tile by tile: scratch zarr beside the outputs, labels TIFF written tile by
+    tile from it, cell table summed block by block; memory bounded by a few tiles."""
+    import shutil
+    import tempfile
+
+    from .io import write_labels_tiff_tiled
+    from .tiling import segment_large
+
+    if outputs.overlay is not None:
+        log.warning("%s: no overlay PNG for an image this large (written tile by tile); use the labels TIFF",
+                    outputs.labels.name)
+    outputs.labels.parent.mkdir(parents=True, exist_ok=True)
+    # beside the outputs: the scratch stores are about as large as the labels, on that disk
+    scratch = tempfile.mkdtemp(prefix=f".{outputs.labels.name}.", dir=outputs.labels.parent)
+    try:
+        labels, details = segment_large(session, image, tile_size=args.tile_size, overlap=args.overlap,
+                                        batch_size=args.batch_size, channel_axis=axis, return_details=True,
+                                        output=os.path.join(scratch, "run.zarr"), **options)
+        if outputs.cells is not None:
+            write_cells_csv(outputs.cells, cell_rows(labels, details))
+        write_labels_tiff_tiled(outputs.labels, labels)
+        return details.num_cells
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -344,7 +344,7 @@ def measure_pipeline(session: CellSAM, clock: DeviceClock, image: np.ndarray, bo
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NoCellsWarning)
                 t0 = time.perf_counter()
-                labels, details = session.segment(image, boxes=boxes, return_details=True)
+                labels, details = session.segment(image, boxes=boxes, return_details=True, tile_size=None)
                 wall = time.perf_counter() - t0
             graph = clock.collect()
             if i < warmup:

@@ -300,6 +300,7 @@ def segment_cellular_image(
         labels, details = session.segment(
             _as_array(img), boxes=bounding_boxes, bbox_threshold=bbox_threshold, normalize=bool(normalize),
             postprocess=postprocess, remove_boundaries=remove_boundaries, return_details=True,
+            tile_size=None,  # the released function resizes any image into one model input
         )
     if len(details.boxes) == 0:
         warnings.warn("No cells detected in the image.", NoCellsWarning, stacklevel=2)

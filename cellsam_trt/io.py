@@ -5,6 +5,7 @@ import glob
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +55,31 @@ def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray) -> Path:
     import tifffile
 
     return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib"))
+
+
+def write_labels_tiff_tiled(path: str | os.PathLike, labels: Any, tile: int = 1024) -> Path:
+    """Labels (H, W) from an array read region by region (a zarr array) -> tiled, compressed
+    BigTIFF, one tile in memory at a time.
+
+    Args:
+        labels: (H, W) integer array-like with numpy slicing.
+        tile: tile side, a multiple of 16.
+    """
+    import tifffile
+
+    height, width = (int(v) for v in labels.shape)
+    dtype = np.dtype(labels.dtype)
+
+    def tiles():
+        for y0 in range(0, height, tile):
+            for x0 in range(0, width, tile):
+                part = np.asarray(labels[y0:y0 + tile, x0:x0 + tile])
+                if part.shape != (tile, tile):  # edge tiles, zero-padded to the tile shape
+                    part = np.pad(part, ((0, tile - part.shape[0]), (0, tile - part.shape[1])))
+                yield np.ascontiguousarray(part, dtype=dtype)
+
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, tiles(), shape=(height, width), dtype=dtype,
+                                                           tile=(tile, tile), compression="zlib", bigtiff=True))
 
 
 def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:

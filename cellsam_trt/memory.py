@@ -82,6 +82,46 @@ def fit_chunk_size(config: ModelConfig, device: torch.device, height: int, width
     return chunk_size
 
 
+# host memory: a tiled run keeps everything in memory up to this estimate, above it it goes
+# through scratch zarr stores on disk (tiling.segment_large)
+STREAM_ABOVE_BYTES = 2 << 30
+
+
+def tiled_host_bytes(height: int, width: int, grid, batch_size: int, normalized: bool = True) -> dict[str, int]:
+    """Host bytes a tiled run needs beyond the loaded model and the caller's image.
+
+    In memory (``tiling.segment_large`` as it paints): the CLAHE image (uint16, 3 channels),
+    every tile's kept labels until the overlap bands are resolved (uint16), the painted
+    uint32 label image and its renumbered copy. Streamed (through zarr on disk): the
+    returned label image, one batch of tiles in float64 with its model inputs, and one
+    normalisation block's working set (what the largest step holds at once).
+
+    Returns:
+        {"in_memory": bytes, "streamed": bytes}
+    """
+    pixels = height * width
+    tile = grid.tile_height * grid.tile_width
+    working = batch_size * tile * (3 * 8 * 3) + 4 * 2048 * 2048 * 3 * 8
+    return {
+        "in_memory": pixels * ((6 if normalized else 0) + 4 + 4) + len(grid) * tile * 2 + working,
+        "streamed": pixels * 4 + working,
+    }
+
+
+def check_host_memory(needed: int, what: str, remedy: str) -> None:
+    """Refuse, before any work, a step that would need more host memory than is available.
+
+    Raises:
+        MemoryError: naming what was estimated, what is available and ``remedy``.
+    """
+    available = available_bytes(torch.device("cpu"))
+    if needed > available * USABLE_FRACTION:
+        raise MemoryError(
+            f"{what} needs about {needed / 2**30:.1f} GiB of host memory beyond the model, but only "
+            f"{available / 2**30:.1f} GiB is available ({USABLE_FRACTION:.0%} of it usable); {remedy}"
+        )
+
+
 def _load_malloc_trim():
     """glibc's ``malloc_trim``, or None (another C library, or not Linux)."""
     if not sys.platform.startswith("linux"):

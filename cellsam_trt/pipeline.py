@@ -45,6 +45,8 @@ class SegmentationDetails:
         num_candidates: boxes sent to the decoder (before the IoU filter).
         timings: seconds per stage.
         backend: the backend that ran ("torch", "onnxruntime" or "tensorrt").
+        path: "whole": the image ran as one model input (larger images return
+            ``tiling.TiledDetails``, whose ``path`` is "tiled").
     """
 
     boxes: np.ndarray
@@ -55,6 +57,7 @@ class SegmentationDetails:
     num_candidates: int
     timings: dict[str, float] = field(default_factory=dict)
     backend: str = ""
+    path: str = "whole"
 
 
 @dataclass
@@ -186,6 +189,8 @@ class CellSAM:
         channel_axis: int | None = None,
         return_details: bool = False,
         progress: bool = False,
+        tile_size: int | None = 1024,
+        overlap: int = 128,
     ) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
         """Segment cells.
 
@@ -204,10 +209,25 @@ class CellSAM:
             channel_axis: axis of the channels for 3-D input (default: the smallest axis).
             return_details: also return a ``SegmentationDetails``.
             progress: show a progress bar over decoder chunks.
+            tile_size, overlap: an image with a side longer than ``tile_size`` (default 1024,
+                the model input) is segmented in overlapping tiles at native scale and
+                stitched (``tiling.segment_large``, as the CLI does; memory bounded, see its
+                ``stream``), instead of being resized into one model input where cells would
+                shrink below a pixel. ``tile_size=None`` forces the whole-image path (the
+                released code's behaviour, bit-identical to it). With ``return_details`` the
+                tiled path returns ``tiling.TiledDetails`` (``details.path == "tiled"``).
 
         Returns:
-            labels (H, W) int32: 0 background, cells 1..K. With ``return_details``, a tuple.
+            labels (H, W) int32: 0 background, cells 1..K (uint32 above 65535 cells on the
+            tiled path). With ``return_details``, a tuple.
         """
+        if tile_size is not None and _larger_than(image, channel_axis, tile_size):
+            from .tiling import segment_large
+
+            return segment_large(self, image, tile_size=tile_size, overlap=overlap, boxes=boxes,
+                                 bbox_threshold=bbox_threshold, normalize=normalize, postprocess=postprocess,
+                                 remove_boundaries=remove_boundaries, chunk_size=chunk_size,
+                                 channel_axis=channel_axis, return_details=return_details, progress=progress)
         opts = self._options(bbox_threshold, chunk_size)
         backend = self.backend
         timer = _Timer(backend)
@@ -448,6 +468,19 @@ class CellSAM:
         if self.backend.max_decoder_boxes is not None:
             opts = replace(opts, chunk_size=min(opts.chunk_size, self.backend.max_decoder_boxes))
         return opts
+
+
+def _larger_than(image: Any, channel_axis: int | None, tile_size: Any) -> bool:
+    """Whether ``image`` has a side longer than ``tile_size`` (False for input the
+    whole-image path rejects: it says why)."""
+    from .tiling import ImageSource, check_tiling
+
+    check_tiling(tile_size, 0)
+    try:
+        source = ImageSource(image, channel_axis)
+    except ValueError:
+        return False
+    return max(source.shape) > tile_size
 
 
 def _share(timers: list[_Timer], indices, stage: str, seconds: float) -> None:

@@ -188,7 +188,10 @@ class CellSAMWorkerPlugin(_PluginBase):
 
 
 def worker_session(name: str) -> Any:
-    """The ``CellSAM`` session the plugin ``name`` loaded on the current worker."""
+    """The ``CellSAM`` session the plugin ``name`` loaded on the current worker (or that an
+    ``InProcessClient`` holds under that name)."""
+    if name in _IN_PROCESS_SESSIONS:
+        return _IN_PROCESS_SESSIONS[name]
     from distributed import get_worker
 
     plugin = get_worker().plugins.get(name)
@@ -204,12 +207,73 @@ def prepare_workers(client: Any, checkpoint: str | os.PathLike | None = None, *,
 
     Calling it again with the same configuration does not reload anything.
     """
+    if isinstance(client, InProcessClient):
+        return client.plugin_name  # the session is already loaded, in this process
     if checkpoint is not None and not Path(checkpoint).exists():
         raise FileNotFoundError(f"checkpoint: no file at {checkpoint}")
     plugin = CellSAMWorkerPlugin(None if checkpoint is None else str(Path(checkpoint).resolve()), backend, device,
                                  backend_options, options, torch_threads)
     client.register_plugin(plugin, name=plugin.name)
     return plugin.name
+
+
+# sessions of InProcessClient objects, by plugin name (tasks look them up like a worker's)
+_IN_PROCESS_SESSIONS: dict[str, Any] = {}
+
+
+class _Task:
+    """A task an ``InProcessClient`` runs when its results are gathered (in order)."""
+
+    def __init__(self, fn, args, kwargs) -> None:
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def run(self) -> Any:
+        fn, args, kwargs = self.fn, self.args, self.kwargs
+        self.fn = self.args = self.kwargs = None  # what a task holds goes when it has run
+        return fn(*args, **kwargs)
+
+
+class InProcessClient:
+    """The part of a ``distributed.Client`` that ``segment_dask`` uses, run in this process.
+
+    Tasks run one after another, in submission order, when their results are gathered, so
+    at most one task's data is in memory at a time: with it, ``segment_dask``'s phases (and
+    their scratch zarr stores) bound the memory of a tiled run by a few tiles plus the
+    model, without dask.distributed. ``tiling.segment_large`` uses it for images whose
+    in-memory run would not fit.
+
+    Args:
+        session: the ``CellSAM`` that segments the tiles.
+        identity: names the weights and settings of ``session`` for ``resume`` (a run into an
+            output is resumed only under the same identity); default: this session object,
+            so a run is resumable only from the same process.
+    """
+
+    def __init__(self, session: Any, identity: str | None = None) -> None:
+        self.plugin_name = PLUGIN_PREFIX + "local-" + (identity or f"{id(session):x}")
+        _IN_PROCESS_SESSIONS[self.plugin_name] = session
+
+    def close(self) -> None:
+        _IN_PROCESS_SESSIONS.pop(self.plugin_name, None)
+
+    def __enter__(self) -> "InProcessClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def scatter(self, data: Any, broadcast: bool = True, hash: bool = True) -> Any:
+        return data
+
+    def submit(self, fn, *args, pure: bool = True, workers: Any = None, allow_other_workers: bool = False,
+               **kwargs) -> _Task:
+        return _Task(fn, args, kwargs)
+
+    def map(self, fn, *iterables, pure: bool = True, **kwargs) -> list[_Task]:
+        return [_Task(fn, args, kwargs) for args in zip(*iterables)]
+
+    def scheduler_info(self) -> dict:
+        return {"workers": {}}
 
 
 # ------------------------------------------------------------------------------- tasks
@@ -322,20 +386,34 @@ def _as_source(image: Any, channel_axis: int | None, scratch: str, client: Any) 
 
         path = f"{scratch}/input"
         target = zarr.create_array(path, shape=image.shape, chunks=image.chunksize, dtype=image.dtype, overwrite=True)
-        client.compute(da.store(image, target, lock=False, compute=False)).result()
+        if isinstance(client, InProcessClient):
+            da.store(image, target, lock=False)
+        else:
+            client.compute(da.store(image, target, lock=False, compute=False)).result()
         return ImageSource(zarr.open_array(path, mode="r"), channel_axis)
     return ImageSource(image, channel_axis)
 
 
 def _gather(client: Any, futures: list, desc: str, progress: bool) -> list:
     """Results in submission order; cancels the rest on the first error."""
-    from distributed import as_completed
-
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(futures), desc=desc, unit="task")
+    if isinstance(client, InProcessClient):
+        try:
+            results = []
+            for task in futures:
+                results.append(task.run())
+                if bar is not None:
+                    bar.update(1)
+            return results
+        finally:
+            if bar is not None:
+                bar.close()
+    from distributed import as_completed
+
     try:
         for _ in as_completed(futures):
             if bar is not None:

@@ -64,6 +64,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from . import memory
 from . import preprocess as pre
 
 log = logging.getLogger(__name__)
@@ -1031,6 +1033,15 @@ class TiledDetails:
     def num_cells(self) -> int:
         return len(self.iou)
 
+    @property
+    def path(self) -> str:
+        """"tiled", or "whole" when the image fit in one tile."""
+        return "whole" if self.grid is None else "tiled"
+
+    @property
+    def num_tiles(self) -> int:
+        return 1 if self.grid is None else len(self.grid)
+
 
 def details_from_segmentation(labels: np.ndarray, details: Any) -> TiledDetails:
     """``SegmentationDetails`` of an untiled image -> ``TiledDetails`` (one row per label 1..max)."""
@@ -1063,6 +1074,8 @@ def segment_large(
     return_details: bool = False,
     progress: bool = False,
     block: int = 2048,
+    output: str | os.PathLike | None = None,
+    stream: bool | None = None,
 ) -> np.ndarray | tuple[np.ndarray, TiledDetails]:
     """Segment an image of any size: tiles, batched graph calls, stitching (module docstring).
 
@@ -1084,10 +1097,20 @@ def segment_large(
         return_details: also return ``TiledDetails``.
         progress: a progress bar over tiles.
         block: side of the regions the normalisation works on (memory bound).
+        output: a zarr group to write the labels to (``scale.segment_dask``'s layout), tile by
+            tile: memory stays bounded by a few tiles plus the model whatever the image size,
+            and the zarr ``labels`` array is returned instead of a numpy array.
+        stream: run through scratch zarr stores on disk (``memory.tiled_host_bytes``) even
+            without ``output``; None (default): when the in-memory run would need more than
+            ``memory.STREAM_ABOVE_BYTES``. The labels are the same either way.
 
     Returns:
         labels (H, W): 0 background, 1..K unique over the image; int32, uint32 above 65535
         cells. With ``return_details``, (labels, details).
+
+    Raises:
+        MemoryError: before any work, when the estimated host memory exceeds what is
+            available (the message gives both and what to do).
     """
     from .pipeline import NoCellsWarning, validate_boxes
 
@@ -1104,14 +1127,28 @@ def segment_large(
         arr = image if isinstance(image, np.ndarray) else source.read(0, source.height, 0, source.width)
         axis = channel_axis if isinstance(image, np.ndarray) else -1
         out = session.segment(arr, boxes=boxes, normalize=normalize, remove_boundaries=remove_boundaries,
-                              channel_axis=axis, return_details=return_details, progress=progress, **options)
+                              channel_axis=axis, return_details=return_details, progress=progress,
+                              tile_size=None, **options)
         if not return_details:
             return out
         labels, details = out
         return labels, details_from_segmentation(labels, details)
 
-    timings: dict[str, float] = {}
     grid = TileGrid.plan(source.height, source.width, tile_size, overlap)
+    estimate = memory.tiled_host_bytes(source.height, source.width, grid, batch_size, normalized=method is not None)
+    if stream is None:
+        stream = output is not None or estimate["in_memory"] > memory.STREAM_ABOVE_BYTES
+    if output is not None or stream:
+        if output is None:
+            memory.check_host_memory(estimate["streamed"], f"segment_large of a {source.height}x{source.width} image",
+                              "pass output='labels.zarr' to write the labels to disk instead of returning them")
+        return _segment_streamed(session, image, output, return_details=return_details, tile_size=tile_size,
+                                 overlap=overlap, batch_size=batch_size, block=block, boxes=boxes,
+                                 normalize=normalize, remove_boundaries=remove_boundaries, channel_axis=channel_axis,
+                                 progress=progress, **options)
+    memory.check_host_memory(estimate["in_memory"], f"segment_large of a {source.height}x{source.width} image",
+                      "pass output='labels.zarr' to write the labels to disk tile by tile")
+    timings: dict[str, float] = {}
     user_boxes = None if boxes is None else validate_boxes(boxes, source.height, source.width)
     t0 = time.perf_counter()
     clahe, norm = normalize_large(source, block, method) if method is not None else (None, None)
@@ -1148,6 +1185,24 @@ def segment_large(
                     "raise overlap (now %d) above the largest cell diameter", details.cut_cells, overlap)
     if not labels.any():
         warnings.warn("No cells detected in the image; returning all-zero labels.", NoCellsWarning, stacklevel=2)
+    return (labels, details) if return_details else labels
+
+
+def _segment_streamed(session: Any, image: Any, output: Any, *, return_details: bool, **settings: Any) -> Any:
+    """``segment_large`` through ``scale.segment_dask``'s phases, in this process.
+
+    With ``output``: the zarr labels (and details) stay there. Without: the run goes to a
+    temporary folder and the labels come back as a numpy array.
+    """
+    from .scale import InProcessClient, segment_dask
+
+    with InProcessClient(session) as client:
+        if output is not None:
+            return segment_dask(image, client, output=output, return_details=return_details, **settings)
+        with tempfile.TemporaryDirectory(prefix="cellsam-trt-tiles-") as scratch:
+            labels, details = segment_dask(image, client, output=os.path.join(scratch, "run.zarr"),
+                                           return_details=True, **settings)
+            labels = np.asarray(labels[...])
     return (labels, details) if return_details else labels
 
 

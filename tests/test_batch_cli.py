@@ -138,6 +138,25 @@ def test_large_images_are_tiled(checkpoint, session, slide, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_images_too_large_for_memory_are_streamed_to_the_same_outputs(checkpoint, slide, tmp_path, capsys,
+                                                                     monkeypatch):
+    from cellsam_trt import memory
+
+    np.save(tmp_path / "slide.npy", slide)
+    args = ("--checkpoint", checkpoint, "--tile-size", "256", "--overlap", "64", "--csv")
+    assert run_cli(tmp_path / "slide.npy", "-o", tmp_path / "in-memory", *args) == 0
+    monkeypatch.setattr(memory, "STREAM_ABOVE_BYTES", 0)  # every tiled image counts as too large
+    assert run_cli(tmp_path / "slide.npy", "-o", tmp_path / "streamed", *args) == 0
+    expected = tifffile.imread(tmp_path / "in-memory" / "slide_labels.tif")
+    assert expected.max() >= 2
+    with tifffile.TiffFile(tmp_path / "streamed" / "slide_labels.tif") as tif:
+        assert tif.pages[0].is_tiled  # written tile by tile
+        np.testing.assert_array_equal(tif.asarray(), expected)
+    assert (tmp_path / "streamed" / "slide_cells.csv").read_text() == (tmp_path / "in-memory" / "slide_cells.csv").read_text()
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == ["slide_cells.csv", "slide_labels.tif"]
+    capsys.readouterr()
+
+
 def test_opencv_clahe_option_reaches_tiled_and_whole_paths(checkpoint, session, slide, tmp_path, capsys, monkeypatch):
     from cellsam_trt import preprocess as pre
 

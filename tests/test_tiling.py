@@ -1,4 +1,5 @@
 """Large images: tile grid, exact whole-image normalisation in chunks, stitching, segment_large."""
+import os
 import warnings
 
 import numpy as np
@@ -388,3 +389,61 @@ def test_a_cell_that_loses_all_its_pixels_leaves_no_gap_in_the_ids():
     result = stitch_tiles(grid, views)
     assert sorted(np.unique(result)) == [0, 1, 2]
     assert (result[170:180, 205:215] == 1).all() and (result[205:215, 170:180] == 2).all()
+
+
+# ------------------------------------------------------------- memory-bounded large images
+
+@pytest.fixture(scope="module")
+def slide_image():
+    return synthetic_slide(600, 384, density=0.25, cell_radius=20, seed=1)[0]
+
+
+def test_streamed_run_equals_the_in_memory_one(session, slide_image, tmp_path, monkeypatch):
+    in_memory, details = segment_large(session, slide_image, tile_size=256, overlap=64, return_details=True,
+                                       stream=False)
+    assert in_memory.max() >= 2 and len(details.grid) > 2  # the comparison has content
+    streamed, streamed_details = segment_large(session, slide_image, tile_size=256, overlap=64,
+                                               return_details=True, stream=True)
+    assert isinstance(streamed, np.ndarray) and streamed.dtype == in_memory.dtype
+    np.testing.assert_array_equal(streamed, in_memory)
+    np.testing.assert_array_equal(streamed_details.iou, details.iou)
+    # above the limit the default is the streamed run: the scratch stores go to a temporary
+    # folder, which is gone afterwards
+    from cellsam_trt import memory, scale
+
+    calls = []
+    monkeypatch.setattr(memory, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setattr(scale, "segment_dask", lambda *a, _inner=scale.segment_dask, **k: calls.append(k["output"])
+                        or _inner(*a, **k))
+    np.testing.assert_array_equal(segment_large(session, slide_image, tile_size=256, overlap=64), in_memory)
+    assert len(calls) == 1 and not os.path.exists(calls[0])
+    # with output=, the labels stay in that zarr group
+    stored = segment_large(session, slide_image, tile_size=256, overlap=64, output=tmp_path / "labels.zarr")
+    np.testing.assert_array_equal(stored[...], in_memory)
+
+
+def test_segment_tiles_images_larger_than_the_tile_size(session, slide_image):
+    labels, details = session.segment(slide_image, tile_size=256, overlap=64, return_details=True)
+    assert details.path == "tiled" and details.num_tiles == len(TileGrid.plan(600, 384, 256, 64))
+    np.testing.assert_array_equal(labels, segment_large(session, slide_image, tile_size=256, overlap=64))
+    # tile_size=None: the whole image as one model input, the released behaviour
+    whole, whole_details = session.segment(slide_image, tile_size=None, return_details=True)
+    assert whole_details.path == "whole" and whole.shape == labels.shape
+    # the default tile size is the model input's side: this image fits, the whole path runs
+    _, default_details = session.segment(slide_image, return_details=True)
+    assert default_details.path == "whole"
+    with pytest.raises(ValueError, match="tile_size"):
+        session.segment(slide_image, tile_size=10)
+
+
+def test_an_image_that_cannot_fit_is_refused_before_any_work(session, monkeypatch):
+    from cellsam_trt import memory
+
+    image = np.zeros((3000, 2500), np.uint8)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 64 << 20)  # a 64 MiB machine
+    monkeypatch.setattr(session, "segment_batch", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(MemoryError, match=r"needs about [\d.]+ GiB of host memory.*only 0\.1 GiB is available.*"
+                                          r"output='labels\.zarr'"):
+        segment_large(session, image, tile_size=1024, overlap=128, stream=False)
+    with pytest.raises(MemoryError, match="needs about .* GiB .* available"):
+        session.segment(image)  # the tiled default, streamed or not, still returns the labels
