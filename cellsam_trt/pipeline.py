@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import memory
 from . import postprocess as post
 from . import preprocess as pre
 from .config import InferenceConfig
@@ -221,13 +222,24 @@ class CellSAM:
             labels (H, W) int32: 0 background, cells 1..K (uint32 above 65535 cells on the
             tiled path). With ``return_details``, a tuple.
         """
-        if tile_size is not None and _larger_than(image, channel_axis, tile_size):
+        from .tiling import check_tiling
+
+        shape = _spatial_shape(image, channel_axis)
+        if tile_size is not None:
+            check_tiling(tile_size, 0)
+        if tile_size is not None and shape is not None and max(shape) > tile_size:
             from .tiling import segment_large
 
             return segment_large(self, image, tile_size=tile_size, overlap=overlap, boxes=boxes,
                                  bbox_threshold=bbox_threshold, normalize=normalize, postprocess=postprocess,
                                  remove_boundaries=remove_boundaries, chunk_size=chunk_size,
                                  channel_axis=channel_axis, return_details=return_details, progress=progress)
+        if shape is not None:
+            memory.check_host_memory(
+                shape[0] * shape[1] * memory.WHOLE_IMAGE_BYTES_PER_PIXEL,
+                f"segment() of a {shape[0]}x{shape[1]} image as one model input",
+                "free memory" if tile_size is not None else
+                "leave tile_size at its default to segment it in tiles (memory then bounded by a few tiles)")
         opts = self._options(bbox_threshold, chunk_size)
         backend = self.backend
         timer = _Timer(backend)
@@ -470,17 +482,14 @@ class CellSAM:
         return opts
 
 
-def _larger_than(image: Any, channel_axis: int | None, tile_size: Any) -> bool:
-    """Whether ``image`` has a side longer than ``tile_size`` (False for input the
-    whole-image path rejects: it says why)."""
-    from .tiling import ImageSource, check_tiling
+def _spatial_shape(image: Any, channel_axis: int | None) -> tuple[int, int] | None:
+    """(H, W) of an image, or None for input the whole-image path rejects (it says why)."""
+    from .tiling import ImageSource
 
-    check_tiling(tile_size, 0)
     try:
-        source = ImageSource(image, channel_axis)
+        return ImageSource(image, channel_axis).shape
     except ValueError:
-        return False
-    return max(source.shape) > tile_size
+        return None
 
 
 def _share(timers: list[_Timer], indices, stage: str, seconds: float) -> None:

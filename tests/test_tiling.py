@@ -442,8 +442,11 @@ def test_an_image_that_cannot_fit_is_refused_before_any_work(session, monkeypatc
     image = np.zeros((3000, 2500), np.uint8)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 64 << 20)  # a 64 MiB machine
     monkeypatch.setattr(session, "segment_batch", lambda *a, **k: pytest.fail("work started"))
-    with pytest.raises(MemoryError, match=r"needs about [\d.]+ GiB of host memory.*only 0\.1 GiB is available.*"
+    with pytest.raises(MemoryError, match=r"needs about [\d.]+ GiB of host memory.*only 0\.06 GiB is available.*"
                                           r"output='labels\.zarr'"):
         segment_large(session, image, tile_size=1024, overlap=128, stream=False)
     with pytest.raises(MemoryError, match="needs about .* GiB .* available"):
         session.segment(image)  # the tiled default, streamed or not, still returns the labels
+    with pytest.raises(MemoryError, match=r"segment\(\) of a 3000x2500 image as one model input needs about "
+                                          r"0\.70 GiB .* leave tile_size at its default"):
+        session.segment(image, tile_size=None)
