@@ -49,12 +49,9 @@ STARTED = time.monotonic()
 
 
 def _status_gib(field: str) -> float:
-    """A memory line of /proc/self/status ("VmRSS", "VmHWM") in GiB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
+    from cellsam_trt.memory import process_status_gib
+
+    return process_status_gib(field)
 
 
 def _rss_gib() -> float:
@@ -238,7 +235,7 @@ def main() -> int:
         parser.error("--released: a vanvalenlab/cellSAM checkout is needed (the folder holding cellSAM/)")
 
     from cellsam_trt.accuracy import label_agreement
-    from cellsam_trt.bench import device_name, machine_info
+    from cellsam_trt.bench import machine_info, save_report
 
     import torch
 
@@ -343,13 +340,7 @@ def main() -> int:
         res["speedup_later_calls"] = ((base["later_call_seconds"] or base["first_call_seconds"])
                                       / (res["later_call_seconds"] or res["first_call_seconds"]))
         res["speedup_first_call"] = base["first_call_seconds"] / res["first_call_seconds"]
-    out = Path(args.out) if args.out else (Path(__file__).parent / "results" / device_name(device)
-                                            / f"default-{datetime.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"report: {out}", file=sys.stderr)
+    save_report(report, args.out, "default", device, markdown)
     return 3 if failed else 0
 
 

@@ -159,6 +159,9 @@ def main() -> int:
     parser.add_argument("--config", default="cellsam-vit-b", choices=["cellsam-vit-b", "tiny"],
                         help="architecture of the steered random weights (tiny: a quick check of this script)")
     parser.add_argument("--seeds", default="0,1,2", help="bench image seeds (default 0,1,2)")
+    parser.add_argument("--mask-coverage", type=float, default=0.05,
+                        help="fraction of the image each steered mask covers (default 0.05; about 0.002 gives "
+                             "cell-sized masks that overlap less, so labels are not a mosaic of painted-over masks)")
     parser.add_argument("--size", type=int, default=1024, help="bench image side (default 1024)")
     parser.add_argument("--cells", type=int, default=800, help="cells per bench image (default 800)")
     parser.add_argument("--user-boxes", type=int, default=200, help="user boxes per image (default 200)")
@@ -188,6 +191,7 @@ def main() -> int:
     user_boxes = [bench_boxes(args.user_boxes, args.size, args.size, seed=s + 1) for s in seeds]
     base = work / "onnx"
     report: dict = {"seeds": seeds, "size": args.size, "cells": args.cells, "user_boxes": args.user_boxes,
+                    "mask_coverage": args.mask_coverage,
                     "chunk_size": args.chunk_size,
                     "torch_threads": torch.get_num_threads()}
     t0 = time.perf_counter()
@@ -195,7 +199,8 @@ def main() -> int:
         if args.checkpoint:
             checkpoint = args.checkpoint
         else:
-            network = steer_random_network(random_network(ModelConfig.named(args.config), seed=0), images[0])
+            network = steer_random_network(random_network(ModelConfig.named(args.config), seed=0), images[0],
+                                           mask_coverage=args.mask_coverage)
             checkpoint = write_checkpoint(network, work / "steered-vit-b.pt")
             del network
         export_checkpoint(checkpoint, base)

@@ -35,19 +35,12 @@ from pathlib import Path
 import numpy as np
 
 
-def _status_gib(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def worker(args: argparse.Namespace) -> int:
     import warnings
 
     import cellsam_trt
     from cellsam_trt.cli import main as cli_main
+    from cellsam_trt.memory import process_status_gib as _status_gib
 
     record: dict = {"mode": args.mode, "side": args.side}
     warnings.simplefilter("ignore")
@@ -130,7 +123,7 @@ def main() -> int:
 
     import torch
 
-    from cellsam_trt.bench import device_name, machine_info
+    from cellsam_trt.bench import machine_info, save_report
     from cellsam_trt.checkpoint import random_network, write_checkpoint
     from cellsam_trt.config import ModelConfig
     from cellsam_trt.testing import steer_random_network, synthetic_cells
@@ -155,22 +148,19 @@ def main() -> int:
         "machine": machine_info(torch.device("cpu")),
         "rows": rows,
     }
-    out = Path(args.out) if args.out else (Path(__file__).parent / "results" / device_name(torch.device("cpu"))
-                                            / f"memory-{datetime.date.today().isoformat()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"report: {out}", file=sys.stderr)
+    save_report(report, args.out, "memory", torch.device("cpu"), markdown)
     return 0
 
 
 def markdown(report: dict) -> str:
     model = next((r for r in report["rows"] if r["mode"] == "model" and "error" not in r), None)
-    base = model["peak_rss_gib"] if model else float("nan")
+    base = model["model_rss_gib"] if model else float("nan")
     lines = [f"# Host memory against image side ({report['created']})", "",
-             f"Tiny config (CellFinder steered to find nothing), all-zero images, CPU ({report['machine'].get('cpu')}); each row in its own process. "
-             f"Loaded model (load + one 256 x 256 call): peak {base:.2f} GiB.", "",
+             f"Tiny config (CellFinder steered to find nothing), all-zero images, CPU "
+             f"({report['machine'].get('cpu')}); each row in its own process. Loaded model (load + one "
+             f"256 x 256 call): {base:.2f} GiB resident, {model['peak_rss_gib'] if model else float('nan'):.2f} GiB "
+             "peak. 'Above the loaded model' is the row's peak minus the resident memory of the loaded model "
+             "(the row's own where it loads the model itself).", "",
              "| what | side | path | tiles | time (s) | peak RSS (GiB) | above the loaded model (GiB) | image (GiB) | labels |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -181,7 +171,8 @@ def markdown(report: dict) -> str:
             continue
         image = r.get("image_gib", r["side"] ** 2 * 2 / 2**30)
         lines.append(f"| {r['mode']} | {r['side']} | {r.get('path', 'tiled')} | {r.get('tiles', '')} | "
-                     f"{r['seconds']:.1f} | {r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] - base:.2f} | {image:.2f} | "
+                     f"{r['seconds']:.1f} | {r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] - r.get('model_rss_gib', base):.2f} | "
+                     f"{image:.2f} | "
                      f"{tuple(r['labels_shape'])} |")
     return "\n".join([*lines, ""])
 

@@ -834,6 +834,25 @@ def device_name(device: torch.device) -> str:
     return "cpu-" + _slug(_cpu_name())
 
 
+def save_report(report: dict[str, Any], out: str | Path | None, stem: str, device: torch.device, render) -> Path:
+    """Write a bench script's JSON report and its markdown (``render(report)``) beside it.
+
+    ``out``: the JSON path; None: ``bench/results/<device>/<stem>-<date>.json`` of this
+    source tree. Prints the markdown; returns the JSON path.
+    """
+    import datetime
+
+    path = Path(out) if out else (Path(__file__).resolve().parent.parent / "bench" / "results" / device_name(device)
+                                  / f"{stem}-{datetime.date.today().isoformat()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    text = render(report)
+    path.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"report: {path}", file=sys.stderr)
+    return path
+
+
 # --------------------------------------------------------------------------- the run
 
 

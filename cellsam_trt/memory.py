@@ -132,6 +132,20 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.1f}" if nbytes >= 2**30 else f"{nbytes / 2**30:.2f}"
 
 
+def process_status_gib(field: str) -> float:
+    """A memory line of this process's /proc/self/status in GiB ("VmRSS": resident now;
+    "VmHWM": peak resident, which, unlike getrusage's ru_maxrss, does not start at a parent
+    process's peak); NaN where there is no such file."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _load_malloc_trim():
     """glibc's ``malloc_trim``, or None (another C library, or not Linux)."""
     if not sys.platform.startswith("linux"):

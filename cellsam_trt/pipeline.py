@@ -488,7 +488,7 @@ def _spatial_shape(image: Any, channel_axis: int | None) -> tuple[int, int] | No
 
     try:
         return ImageSource(image, channel_axis).shape
-    except ValueError:
+    except (ValueError, TypeError):
         return None
 
 

@@ -1194,6 +1194,15 @@ def _segment_streamed(session: Any, image: Any, output: Any, *, return_details: 
     With ``output``: the zarr labels (and details) stay there. Without: the run goes to a
     temporary folder and the labels come back as a numpy array.
     """
+    try:
+        import zarr
+
+        if int(zarr.__version__.split(".")[0]) < 3:
+            raise ImportError(f"zarr {zarr.__version__} is installed")
+    except ImportError as err:
+        raise ImportError(f"segmenting this image with bounded memory writes scratch zarr stores and needs zarr 3 "
+                          f"({err}): pip install 'zarr>=3' (Python >= 3.11), or pass stream=False if it fits "
+                          "in memory") from None
     from .scale import InProcessClient, segment_dask
 
     with InProcessClient(session) as client:
