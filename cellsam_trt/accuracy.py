@@ -1,6 +1,6 @@
 """How close two segmentations of the same image are (fp16 vs fp32, engine vs torch).
 
-DESIGN.md's bar for reduced precision: per-cell IoU >= 0.97 and matched-cell F1 >= 0.99
+The bar for reduced precision (docs/ARCHITECTURE.md): per-cell IoU >= 0.97 and matched-cell F1 >= 0.99
 against the fp32 result on the same weights. A cell of one label image matches a cell of
 the other when their IoU exceeds 0.5; such a match is unique (two cells of one image cannot
 both overlap a third by more than half of their union).

@@ -1214,7 +1214,7 @@ def precision_markdown(result: dict[str, Any] | None) -> list[str]:
     if not result:
         return []
     lines = ["", "## fp16 accuracy (torch autocast vs fp32, the model's own masks)", "",
-             "Cells match at IoU > 0.5. DESIGN.md bar: matched-cell F1 >= 0.99, per-cell IoU >= 0.97.", "",
+             "Cells match at IoU > 0.5. The bar for reduced precision (docs/ARCHITECTURE.md): matched-cell F1 >= 0.99, per-cell IoU >= 0.97.", "",
              "| boxes | cells fp32 / fp16 | F1 | IoU mean | IoU p5 | IoU min | boxes matched (IoU >= 0.9) |",
              "|---|---|---|---|---|---|---|"]
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .io import atomic_write
 from .mixed_precision import ConversionError, convert_graph
-from .modeling import BoxDecoder, CellSAMNetwork
+from .modeling import CellSAMNetwork
 from .runtime.artifacts import (
     GRAPH_NAMES,
     GRAPH_SPECS,
@@ -65,14 +65,9 @@ class ExportError(RuntimeError):
 
 
 def graph_modules(network: CellSAMNetwork) -> dict[str, nn.Module]:
-    """The three modules to export, as the torch backend runs them (eval mode)."""
+    """The three modules to export (``CellSAMNetwork.graphs``, as the torch backend runs them), in eval mode."""
     network.eval()
-    sam = network.sam
-    return {
-        "encoder": sam.image_encoder,
-        "cellfinder": network.cellfinder.decode_head,
-        "decoder": BoxDecoder(sam.prompt_encoder, sam.mask_decoder).eval(),
-    }
+    return {name: module.eval() for name, module in network.graphs().items()}
 
 
 def sample_inputs(config: ModelConfig, graph: str, *, batch: int = 2, num_boxes: int = 3, seed: int = 0) -> tuple[Tensor, ...]:

@@ -62,7 +62,7 @@ def test_manifest_records_checkpoint_config_and_files(exported, manifest):
 
 @pytest.mark.parametrize("graph", ["encoder", "cellfinder", "decoder"])
 def test_graph_inputs_are_real_and_named(exported, manifest, graph):
-    """The DESIGN trap: a traced graph can bake its image in as a constant and keep no input."""
+    """The export trap (docs/ARCHITECTURE.md): a traced graph can bake its image in as a constant and keep no input."""
     model = onnx.load(str(exported[1] / f"{graph}.onnx"))
     onnx.checker.check_model(model)
     onnx.shape_inference.infer_shapes(model, strict_mode=True)

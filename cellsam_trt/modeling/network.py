@@ -31,3 +31,22 @@ class CellSAMNetwork(nn.Module):
     def sam(self) -> nn.Module:
         """The SAM whose encoder and decoder make the masks."""
         return self.model_cp if self.uses_model_cp else self.model
+
+    def graphs(self) -> dict[str, nn.Module]:
+        """The three graphs that run, by graph name (the ONNX export's and every backend's):
+
+        ``encoder``     image (B, 3, S, S) -> embedding (B, C, G, G)
+        ``cellfinder``  image (B, 3, S, S) -> logits (B, Q, 2), boxes (B, Q, 4) cxcywh in [0, 1]
+        ``decoder``     embedding (1, C, G, G), boxes (N, 4) xyxy in model pixels ->
+                        mask logits (N, 1, 4G, 4G), IoU (N, 1)  (``BoxDecoder``)
+
+        The modules are this network's own (no copy; their training flag is left alone).
+        """
+        from .decoder import BoxDecoder
+
+        sam = self.sam
+        return {
+            "encoder": sam.image_encoder,
+            "cellfinder": self.cellfinder.decode_head,
+            "decoder": BoxDecoder(sam.prompt_encoder, sam.mask_decoder),
+        }

@@ -8,7 +8,7 @@ import itertools
 import torch
 from torch import Tensor, nn
 
-from ..modeling import BoxDecoder, CellSAMNetwork
+from ..modeling import CellSAMNetwork
 from ..modeling.attention import use_sdpa
 from .base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, release_cached_memory
 
@@ -112,18 +112,14 @@ class TorchBackend(Backend):
         self.attention = attention
         self.config = network.config
         self.adapted_inputs = network.uses_model_cp
-        sam = network.sam
-        # only the parts that run go to the device: with model_cp, ``network.model``'s SAM
+        # only the graphs that run go to the device: with model_cp, ``network.model``'s SAM
         # (a whole ViT, 0.37 GB at ViT-B size) is never used
-        parts = inference_copy(nn.ModuleDict({
-            "image_encoder": sam.image_encoder, "cellfinder": network.cellfinder.decode_head,
-            "prompt_encoder": sam.prompt_encoder, "mask_decoder": sam.mask_decoder,
-        }), self.device)
+        parts = inference_copy(nn.ModuleDict(network.graphs()), self.device)
         if attention == "sdpa":
             use_sdpa(parts)  # our copy's tree: the caller's modules keep SAM's attention
-        self.image_encoder = parts["image_encoder"]
+        self.image_encoder = parts["encoder"]
         self.cellfinder_module = parts["cellfinder"]
-        self.box_decoder = BoxDecoder(parts["prompt_encoder"], parts["mask_decoder"])
+        self.box_decoder = parts["decoder"]
         self.compiled = bool(compile)
         if compile:
             self.image_encoder = torch.compile(self.image_encoder)
