@@ -5,13 +5,17 @@
 """
 from .checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
 from .config import InferenceConfig, ModelConfig
+from .embedding import ImageEmbedding
+from .interactive import Annotation
 from .pipeline import CellSAM, NoCellsWarning, SegmentationDetails, segment, unload
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Annotation",
     "CellSAM",
     "CheckpointError",
+    "ImageEmbedding",
     "InferenceConfig",
     "ModelConfig",
     "NoCellsWarning",

@@ -7,11 +7,13 @@ they can be foreground.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ from . import preprocess as pre
 from .config import InferenceConfig
 from .memory import fit_chunk_size, release_freed_host_memory
 from .runtime.base import Backend, OutOfDeviceMemory, is_out_of_memory
+
+if TYPE_CHECKING:
+    from .embedding import ImageEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +73,7 @@ class _Prepared:
     height: int
     width: int
     user_boxes: np.ndarray | None
-    model_input: Tensor
+    model_input: Tensor | None  # None for an embedded image (the encoder has run)
     finder_input: Tensor | None
 
 
@@ -198,6 +203,8 @@ class CellSAM:
         Args:
             image: (H, W) or (H, W, C<=3) / (C, H, W), any real dtype. Channels fill the last
                 slots of (blank, nuclear, whole-cell); a 2-D image is the whole-cell channel.
+                Or an ``ImageEmbedding`` from ``embed``: no preprocessing and no encoder call
+                (the options of those steps are the embedding's), the same labels.
             boxes: optional (N, 4) x1, y1, x2, y2 in image pixels; skips CellFinder.
             bbox_threshold: CellFinder confidence weight (default 0.4).
             normalize: percentile clip + CLAHE first: True (scikit-image CLAHE, as the
@@ -222,8 +229,12 @@ class CellSAM:
             labels (H, W) int32: 0 background, cells 1..K (uint32 above 65535 cells on the
             tiled path). With ``return_details``, a tuple.
         """
+        from .embedding import ImageEmbedding
         from .tiling import check_tiling
 
+        if isinstance(image, ImageEmbedding):
+            return self._segment_embedded(image, boxes, bbox_threshold, postprocess, remove_boundaries, chunk_size,
+                                          return_details, progress)
         shape = _spatial_shape(image, channel_axis)
         if tile_size is not None:
             check_tiling(tile_size, 0)
@@ -262,6 +273,81 @@ class CellSAM:
         self._release_host_memory()
         if not labels.any():
             warnings.warn("No cells detected in the image; returning all-zero labels.", NoCellsWarning, stacklevel=2)
+        return (labels, details) if return_details else labels
+
+    def embed(self, image: Any, *, normalize: bool | str = True, channel_axis: int | None = None,
+              cellfinder: bool = True, cache_dir: str | os.PathLike | None = None) -> "ImageEmbedding":
+        """Preprocess an image and run the encoder (and CellFinder) once, for many ``segment``
+        or ``interactive.Annotation`` calls on it.
+
+        The image is one model input, as ``segment(image, tile_size=None)`` takes it.
+
+        Args:
+            image, normalize, channel_axis: as ``segment``.
+            cellfinder: also run CellFinder, so that ``segment(embedding)`` without boxes
+                works (False: user boxes only, one graph call less).
+            cache_dir: a folder of saved embeddings: one saved there for this image (same
+                content, options and weights) is loaded instead of computed, and a computed
+                one is saved there.
+
+        Returns:
+            an ``ImageEmbedding`` (embedding on the backend's device; ``nbytes`` says its size).
+        """
+        from .embedding import ImageEmbedding, embedding_key, image_key
+
+        key = image_key(image, pre.clahe_method(normalize), channel_axis)
+        weights = self.backend.weights_identity()
+        path = None
+        if cache_dir is not None:
+            path = Path(cache_dir) / f"{embedding_key(key, weights)}.npz"
+            if path.is_file():
+                saved = ImageEmbedding.load(path, weights=weights)
+                if cellfinder and saved.finder is None:
+                    log.info("embedding %s was saved without CellFinder's outputs; computing again", path)
+                else:
+                    return saved
+        shape = _spatial_shape(image, channel_axis)
+        if shape is not None:
+            memory.check_host_memory(shape[0] * shape[1] * memory.WHOLE_IMAGE_BYTES_PER_PIXEL,
+                                     f"embed() of a {shape[0]}x{shape[1]} image", "free memory")
+        # empty user boxes: _prepare skips CellFinder's input
+        item = self._prepare(image, None if cellfinder else np.zeros((0, 4), np.float32), normalize, channel_axis)
+        backend = self.backend
+        with self._device_lock:
+            embedding = backend.encoder(item.model_input)
+            finder = None
+            if cellfinder:
+                logits, raw_boxes = backend.cellfinder(item.finder_input)
+                finder = (logits[0], raw_boxes[0])
+        out = ImageEmbedding(embedding, item.height, item.width, finder, key, weights)
+        if path is not None:
+            out.save(path)
+        self._release_host_memory()
+        return out
+
+    def _segment_embedded(self, embedded: "ImageEmbedding", boxes: Any, bbox_threshold: float | None,
+                          postprocess: bool, remove_boundaries: bool, chunk_size: int | None, return_details: bool,
+                          progress: bool) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
+        """``segment`` on an embedding: boxes (CellFinder's, from the embedding, or the user's), decoder, clean-up."""
+        backend = self.backend
+        if embedded.weights != backend.weights_identity():
+            raise ValueError("image: this embedding was computed with other weights or precision than this "
+                             "session's; compute it again with this session's embed()")
+        user_boxes = None if boxes is None else validate_boxes(boxes, embedded.height, embedded.width)
+        if user_boxes is None and embedded.finder is None:
+            raise ValueError("boxes: this embedding was made with embed(..., cellfinder=False); pass boxes= or "
+                             "embed the image with cellfinder=True")
+        opts = self._options(bbox_threshold, chunk_size)
+        timer = _Timer(backend)
+        item = _Prepared(embedded.height, embedded.width, user_boxes, None, None)
+        embedding = embedded.embedding.to(backend.device)
+        finder = None if user_boxes is not None else tuple(t.to(backend.device) for t in embedded.finder)
+        with self._device_lock:
+            decoded = self._boxes_and_masks(embedding, finder, item, opts, timer, progress)
+        labels, details = self._finish(embedding, item, decoded, opts, timer, postprocess, remove_boundaries,
+                                       return_details)
+        if not labels.any():
+            warnings.warn("No cells detected in the image; returning all-zero labels.", NoCellsWarning, stacklevel=3)
         return (labels, details) if return_details else labels
 
     def segment_batch(

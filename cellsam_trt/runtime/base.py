@@ -98,3 +98,14 @@ class Backend(abc.ABC):
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device)}
+
+    def weights_identity(self) -> str:
+        """What an image embedding from this backend depends on besides the image, as a
+        hex digest: the weights and how they run (precision). Saved embeddings are reused
+        only under the same identity. Default: the description without the device (its
+        graphs' provenance, e.g. the checkpoint's sha256)."""
+        import hashlib
+        import json
+
+        described = {k: v for k, v in self.describe().items() if k not in ("device", "onnx_dir", "engine_dir")}
+        return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()

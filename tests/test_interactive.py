@@ -1,0 +1,118 @@
+"""Embed once, prompt many times: ``CellSAM.embed``, ``segment(embedding)``, saved embeddings,
+and ``interactive.Annotation`` (one decoder call per added box)."""
+import warnings
+
+import numpy as np
+import pytest
+
+from cellsam_trt import CellSAM, NoCellsWarning
+from cellsam_trt.checkpoint import random_network
+from cellsam_trt.config import ModelConfig
+from cellsam_trt.embedding import ImageEmbedding
+from cellsam_trt.interactive import Annotation
+
+
+@pytest.fixture(scope="module")
+def session(steered_tiny):
+    return CellSAM.from_network(steered_tiny, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def embedded(session, cell_image):
+    return session.embed(cell_image)
+
+
+def boxes_on(image, n, seed):
+    rng = np.random.default_rng(seed)
+    h, w = image.shape[:2]
+    corner = rng.uniform(0, [w - 60, h - 60], size=(n, 2))
+    return np.concatenate([corner, corner + rng.uniform(20, 60, size=(n, 2))], 1).astype(np.float32)
+
+
+def counting_session(network):
+    """A session whose backend counts its graph calls (in ``backend.calls``)."""
+    from cellsam_trt.runtime import TorchBackend
+
+    backend = TorchBackend(network, device="cpu")
+    backend.calls = {"encoder": 0, "cellfinder": 0, "decoder": 0}
+    for name in backend.calls:
+        def counted(*args, _name=name, _inner=getattr(backend, name), **kwargs):
+            backend.calls[_name] += 1
+            return _inner(*args, **kwargs)
+        setattr(backend, name, counted)
+    return CellSAM(backend)
+
+
+def test_segment_on_an_embedding_equals_segment_on_the_image(session, embedded, cell_image):
+    assert embedded.embedding.shape[0] == 1 and (embedded.height, embedded.width) == cell_image.shape[:2]
+    assert embedded.nbytes > embedded.embedding.numel() * 4  # CellFinder's outputs are held too
+    np.testing.assert_array_equal(session.segment(embedded), session.segment(cell_image))
+    boxes = boxes_on(cell_image, 12, seed=0)
+    labels, details = session.segment(embedded, boxes=boxes, return_details=True)
+    expected, expected_details = session.segment(cell_image, boxes=boxes, return_details=True)
+    assert expected.max() >= 3  # the comparison has content
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(details.labels_of_boxes, expected_details.labels_of_boxes)
+
+
+def test_embedding_without_cellfinder_takes_user_boxes_only(session, steered_tiny, cell_image):
+    counting = counting_session(steered_tiny)
+    embedded = counting.embed(cell_image, cellfinder=False)
+    assert counting.backend.calls == {"encoder": 1, "cellfinder": 0, "decoder": 0}
+    with pytest.raises(ValueError, match=r"cellfinder=False\); pass boxes="):
+        counting.segment(embedded)
+    boxes = boxes_on(cell_image, 5, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoCellsWarning)
+        np.testing.assert_array_equal(counting.segment(embedded, boxes=boxes), session.segment(cell_image, boxes=boxes))
+    assert counting.backend.calls["encoder"] == 1  # segment(embedding) ran no encoder
+
+
+def test_saved_embeddings_are_reused_for_the_same_image_and_weights(session, steered_tiny, cell_image, tmp_path):
+    counting = counting_session(steered_tiny)
+    first = counting.embed(cell_image, cache_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{first.key}.npz"]
+    again = counting.embed(cell_image, cache_dir=tmp_path)
+    assert counting.backend.calls["encoder"] == 1  # loaded, not computed
+    np.testing.assert_array_equal(again.embedding.numpy(), first.embedding.numpy())
+    np.testing.assert_array_equal(session.segment(again), session.segment(first))
+    # another image, or other normalisation: another file
+    counting.embed(cell_image[:200], cache_dir=tmp_path)
+    counting.embed(cell_image, normalize="opencv", cache_dir=tmp_path)
+    assert counting.backend.calls["encoder"] == 3 and len(list(tmp_path.iterdir())) == 3
+    # other weights refuse the file
+    other = CellSAM.from_network(random_network(ModelConfig.tiny(), seed=5), device="cpu")
+    with pytest.raises(ValueError, match="other weights"):
+        ImageEmbedding.load(tmp_path / f"{first.key}.npz", weights=other.backend.weights_identity())
+    with pytest.raises(ValueError, match="other weights"):
+        other.segment(first)
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match="not a saved cellsam-trt embedding"):
+        ImageEmbedding.load(tmp_path / "bad.npz")
+
+
+def test_boxes_added_one_at_a_time_give_the_labels_of_one_call(session, steered_tiny, cell_image):
+    counting = counting_session(steered_tiny)
+    embedded = counting.embed(cell_image, cellfinder=False)
+    annotation = Annotation(counting, embedded)
+    boxes = boxes_on(cell_image, 10, seed=2)
+    numbers = [annotation.add(box) for box in boxes]
+    assert counting.backend.calls == {"encoder": 1, "cellfinder": 0, "decoder": len(boxes)}
+    kept = [b for b, n in zip(boxes, numbers) if n]
+    assert len(kept) >= 3
+    expected = session.segment(cell_image, boxes=boxes)
+    np.testing.assert_array_equal(annotation.labels, expected)
+    np.testing.assert_array_equal(annotation.boxes, np.array(kept))
+
+    # deleting a cell: no decoder call, the labels of one call with the other boxes
+    victim = next(n for n in numbers if n)
+    annotation.remove(victim)
+    assert counting.backend.calls["decoder"] == len(boxes)
+    rest = [b for b, n in zip(boxes, numbers) if n and n != victim]
+    np.testing.assert_array_equal(annotation.labels, session.segment(cell_image, boxes=np.array(rest)))
+    with pytest.raises(KeyError, match="not one of this annotation's cells"):
+        annotation.remove(victim)
+    # moving a cell: one decoder call, the cell becomes the newest
+    moved = annotation.move(annotation.cells[0], boxes[-1] + 1)
+    assert counting.backend.calls["decoder"] == len(boxes) + 1
+    assert moved == 0 or annotation.cells[-1] == moved
