@@ -159,6 +159,8 @@ def main() -> int:
     parser.add_argument("--config", default="cellsam-vit-b", choices=["cellsam-vit-b", "tiny"],
                         help="architecture of the steered random weights (tiny: a quick check of this script)")
     parser.add_argument("--seeds", default="0,1,2", help="bench image seeds (default 0,1,2)")
+    parser.add_argument("--score-shift", type=float, default=-2.0,
+                        help="centre of the steered CellFinder logits (default -2; lower: fewer boxes pass)")
     parser.add_argument("--mask-coverage", type=float, default=0.05,
                         help="fraction of the image each steered mask covers (default 0.05; about 0.002 gives "
                              "cell-sized masks that overlap less, so labels are not a mosaic of painted-over masks)")
@@ -191,7 +193,7 @@ def main() -> int:
     user_boxes = [bench_boxes(args.user_boxes, args.size, args.size, seed=s + 1) for s in seeds]
     base = work / "onnx"
     report: dict = {"seeds": seeds, "size": args.size, "cells": args.cells, "user_boxes": args.user_boxes,
-                    "mask_coverage": args.mask_coverage,
+                    "mask_coverage": args.mask_coverage, "score_shift": args.score_shift,
                     "chunk_size": args.chunk_size,
                     "torch_threads": torch.get_num_threads()}
     t0 = time.perf_counter()
@@ -200,7 +202,7 @@ def main() -> int:
             checkpoint = args.checkpoint
         else:
             network = steer_random_network(random_network(ModelConfig.named(args.config), seed=0), images[0],
-                                           mask_coverage=args.mask_coverage)
+                                           mask_coverage=args.mask_coverage, score_shift=args.score_shift)
             checkpoint = write_checkpoint(network, work / "steered-vit-b.pt")
             del network
         export_checkpoint(checkpoint, base)
