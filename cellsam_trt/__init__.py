@@ -5,19 +5,30 @@
 """
 from .checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
 from .config import InferenceConfig, ModelConfig
-from .pipeline import CellSAM, NoCellsWarning, SegmentationDetails, segment, unload
+from .io import ImageFile, read_image
+from .pipeline import (
+    CellSAM,
+    NoCellsWarning,
+    SegmentationDetails,
+    segment,
+    segment_stack,
+    unload,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CellSAM",
     "CheckpointError",
+    "ImageFile",
     "InferenceConfig",
     "ModelConfig",
     "NoCellsWarning",
     "SegmentationDetails",
     "load_checkpoint",
+    "read_image",
     "segment",
+    "segment_stack",
     "unload",
     "write_random_checkpoint",
 ]
