@@ -99,8 +99,8 @@ def resolve_layout(shape: tuple[int, ...], file_axes: str | None = None, *, axes
     Args:
         file_axes: letters from the file ("TZCYX" and "?" for unlabelled), or None.
         axes: the caller's letters for every axis (``--axes``); replaces the file's.
-        channel_axis, stack_axis: the caller's channel axis / one stack axis (read as T
-            unless the file calls it Z), on top of the file's letters.
+        channel_axis, stack_axis: the caller's channel axis / one stack axis (read as T, or
+            Z where the file calls it Z or already has a T), on top of the file's letters.
 
     Raises:
         ValueError: contradictory options, or axes that cannot be told apart without one
@@ -123,6 +123,8 @@ def resolve_layout(shape: tuple[int, ...], file_axes: str | None = None, *, axes
         current = letters[index]
         if letter == "T" and current in STACK_LETTERS:
             continue
+        if letter == "T" and "T" in letters:
+            letter = "Z"
         if current != UNKNOWN_AXIS and current != letter:
             raise ValueError(f"{name} {value}: the file labels that axis {current} (axes {labelled}, shape {shape}); "
                              f"pass --axes to relabel every axis")
@@ -141,8 +143,9 @@ def resolve_layout(shape: tuple[int, ...], file_axes: str | None = None, *, axes
         letters[pick] = "C"
         unknown.remove(pick)
         channels_guessed = True
-        if shape[pick] <= 3:
-            example = "".join("T" if i == pick else (a if a != UNKNOWN_AXIS else "?") for i, a in enumerate(letters))
+        free = [a for a in STACK_LETTERS if a not in letters]
+        if shape[pick] <= 3 and free:
+            example = "".join(free[0] if i == pick else a for i, a in enumerate(letters))
             example = _fill_plane(example)
             guessed.append(f"axis {pick} (length {shape[pick]}) of shape {shape} is not labelled by the file; "
                            f"read as {shape[pick]} channels. If it is time or z, pass --axes {example} "

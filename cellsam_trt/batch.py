@@ -263,7 +263,8 @@ def image_layout(image: Any, args: argparse.Namespace) -> Any:
     c = layout.channel_axis
     if (layout.channels_guessed and c is not None and shape[c] > 3 and args.nuclear_channel is None
             and args.whole_cell_channel is None):
-        example = layout.axes[:c] + "T" + layout.axes[c + 1:]
+        stack_letter = "T" if "T" not in layout.axes else "Z"
+        example = layout.axes[:c] + stack_letter + layout.axes[c + 1:]
         raise ValueError(f"the image has {shape[c]} channels on axis {c} (shape {shape}; the file does not label that "
                          "axis); choose them with --nuclear-channel and/or --whole-cell-channel, or, if axis "
                          f"{c} is time or z, pass --axes {example} (or --stack-axis {c})")

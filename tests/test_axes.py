@@ -40,6 +40,10 @@ def test_a_guess_that_could_be_wrong_names_the_override():
     assert "axis 0 (length 3)" in message and "--axes TYX" in message and "--stack-axis 0" in message
     (message,) = resolve_layout((64, 80, 2), None).guessed
     assert "--axes YXT" in message and "--stack-axis 2" in message
+    (message,) = resolve_layout((5, 64, 80, 2), None, stack_axis=0).guessed
+    assert "--axes TYXZ" in message and "--stack-axis 3" in message
+    assert resolve_layout((5, 64, 80, 2), None, stack_axis=0, channel_axis=3).axes == "TYXC"
+    assert resolve_layout((5, 64, 80, 2), "T???", stack_axis=3).axes == "TYXZ"  # a second stack axis is Z
     assert not resolve_layout((10, 64, 80), None).guessed  # 10 channels fail later, with their own message
     assert not resolve_layout((3, 64, 80), None, channel_axis=0).guessed  # said by the caller
 
