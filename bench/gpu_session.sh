@@ -62,6 +62,7 @@ if [ -n "$SMOKE" ]; then
     DECODER_FP16_ARGS=""
     DECODER_FP32_ARGS="--config tiny --n 4,16 --repeats 2 --device cpu"
     BENCH_ARGS="--smoke"
+    STACK_ARGS="--frames 2 --side 128 --rounds 1 --batch-size 2"
     # one row of each kind runs out of memory, as SAM's decoder call at N = 3500 does on an
     # 80 GB GPU: the steps must report it and go on
     export CELLSAM_TRT_BENCH_SIMULATE_OOM=${CELLSAM_TRT_BENCH_SIMULATE_OOM-decoder/sam_repeat/16,torch-fp32/user/10}
@@ -82,6 +83,8 @@ else
     # absent: torch only here; a backend that is missing is listed in the report anyway
     BENCH_ARGS="--config cellsam-vit-b --n 1,10,100,1000,3500 --backends torch-fp32,torch-fp16
                 --cap baseline=1000 --repeats 3 --baseline-repeats 2"
+    # a 16-frame stack against 16 single calls, ViT-B steered to detect the synthetic cells
+    STACK_ARGS="--device cuda --config cellsam-vit-b --backend torch --frames 16 --side 512 --batch-size 8"
 fi
 
 status=0
@@ -152,8 +155,10 @@ for row in report["skipped"]:
         print(f"  bench row {row['what']}{where}: {row['reason'][:300]}")
 EOF
             ;;
+        stack)  # frames per second: segment_stack against a loop of segment (bench_stack.py)
+            run_step stack "${LIMIT_STACK:-150}" "$OUT/stack.log" $PY bench/bench_stack.py $STACK_ARGS --out "$OUT/stack.json" ;;
         *)
-            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | suite | decoder | bench)" >&2; exit 2 ;;
+            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | suite | decoder | bench | stack)" >&2; exit 2 ;;
     esac
 done
 echo "--- summary ($OUT/summary.txt)"

@@ -7,7 +7,15 @@ from .checkpoint import CheckpointError, load_checkpoint, write_random_checkpoin
 from .config import InferenceConfig, ModelConfig
 from .embedding import ImageEmbedding
 from .interactive import Annotation
-from .pipeline import CellSAM, NoCellsWarning, SegmentationDetails, segment, unload
+from .io import ImageFile, read_image
+from .pipeline import (
+    CellSAM,
+    NoCellsWarning,
+    SegmentationDetails,
+    segment,
+    segment_stack,
+    unload,
+)
 
 __version__ = "0.1.0"
 
@@ -16,12 +24,15 @@ __all__ = [
     "CellSAM",
     "CheckpointError",
     "ImageEmbedding",
+    "ImageFile",
     "InferenceConfig",
     "ModelConfig",
     "NoCellsWarning",
     "SegmentationDetails",
     "load_checkpoint",
+    "read_image",
     "segment",
+    "segment_stack",
     "unload",
     "write_random_checkpoint",
 ]

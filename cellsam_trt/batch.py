@@ -8,6 +8,19 @@ leaves a half-written file):
 - ``<name>_cells.csv`` with ``--csv``: one row per cell: label, prompt box (x1, y1, x2, y2),
   CellFinder score (empty for none), predicted IoU, area (px), centroid (y, x).
 
+Stacks (time-lapse, z-stacks: T / Z axes, from the file's axes metadata or ``--axes``) are
+segmented frame by frame (``stack.segment_frames``: frames batched through the graphs) into
+one ``<name>_labels.tif`` with the stack axes and Y, X (OME axes metadata), each frame
+labelled 1..K_f; ``--csv`` rows then start with the frame's index on each stack axis, and
+``--overlay`` shows the first frame.
+Finished frames are kept in a hidden folder beside the outputs until the stack is written,
+so ``--resume`` carries on from the first unfinished frame.
+
+Axes: the file's (``io.read_image``: OME / ImageJ / tifffile TIFF metadata, OME-Zarr
+``multiscales``); ``--axes`` (one letter per axis) or ``--channel-axis`` / ``--stack-axis``
+for files without them. Without any, a 3-D image's smallest axis holds the channels, and
+when that guess could be wrong (length <= 3) the command says so with the option to pass.
+
 Images larger than ``--tile-size`` go through ``tiling.segment_large`` (overlapping tiles,
 stitched into one label image); smaller ones through ``CellSAM.segment``. One model is
 loaded for the whole run. A file that cannot be read or segmented is reported and skipped;
@@ -31,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from .io import IMAGE_SUFFIXES, read_image
 from .runtime import BACKENDS
-from .tiling import IMAGE_SUFFIXES, open_image
 
 log = logging.getLogger(__name__)
 
@@ -239,23 +252,50 @@ def write_cells_csv(path: Path, rows: list[list]) -> Path:
 
 # --------------------------------------------------------------------------------- run
 
+def image_layout(image: Any, args: argparse.Namespace) -> Any:
+    """The ``axes.Layout`` of an ``io.ImageFile`` under ``--axes`` / ``--channel-axis`` / ``--stack-axis``."""
+    from .axes import resolve_layout
+
+    shape = image.shape
+    # a 2-D image has no channel axis to choose (a singleton one was dropped on reading)
+    channel_axis = args.channel_axis if len(shape) > 2 else None
+    layout = resolve_layout(shape, image.axes, axes=args.axes, channel_axis=channel_axis, stack_axis=args.stack_axis)
+    c = layout.channel_axis
+    if (layout.channels_guessed and c is not None and shape[c] > 3 and args.nuclear_channel is None
+            and args.whole_cell_channel is None):
+        stack_letter = "T" if "T" not in layout.axes else "Z"
+        example = layout.axes[:c] + stack_letter + layout.axes[c + 1:]
+        raise ValueError(f"the image has {shape[c]} channels on axis {c} (shape {shape}; the file does not label that "
+                         "axis); choose them with --nuclear-channel and/or --whole-cell-channel, or, if axis "
+                         f"{c} is time or z, pass --axes {example} (or --stack-axis {c})")
+    return layout
+
+
 def segment_one(session: Any, path: Path, outputs: Outputs, args: argparse.Namespace) -> int:
-    """Segment one file and write its outputs; returns the number of cells."""
-    raw = open_image(path)
+    """Segment one file (an image or a stack) and write its outputs; returns the number of cells."""
+    image = read_image(path)
     try:
-        return _segment_opened(session, raw, outputs, args)
+        layout = image_layout(image, args)
+        if layout.guessed:
+            from tqdm import tqdm
+
+            for message in layout.guessed:
+                tqdm.write(f"cellsam-trt segment: {path}: warning: {message}", file=sys.stderr)
+        if layout.is_stack:
+            return _segment_stack(session, image.array, layout, outputs, args)
+        return _segment_opened(session, image.array, outputs, args, layout.channel_axis)
     finally:
-        if hasattr(raw, "close"):
-            raw.close()
+        image.close()
 
 
-def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Namespace) -> int:
+def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Namespace,
+                    channel_axis: int | None) -> int:
     from .io import overlay, write_labels_tiff, write_png
     from .pipeline import NoCellsWarning
     from .tiling import ImageSource, details_from_segmentation, segment_large
 
-    image = select_channels(raw, args.channel_axis, args.nuclear_channel, args.whole_cell_channel)
-    axis = None if isinstance(image, ChannelView) else args.channel_axis
+    image = select_channels(raw, channel_axis, args.nuclear_channel, args.whole_cell_channel)
+    axis = None if isinstance(image, ChannelView) else channel_axis
     options = dict(bbox_threshold=args.bbox_threshold, normalize=args.clahe, postprocess=args.postprocess,
                    remove_boundaries=args.remove_boundaries)
     with warnings.catch_warnings():
@@ -279,6 +319,89 @@ def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Nam
         write_png(outputs.overlay, overlay(source.read(0, source.height, 0, source.width), labels))
     write_labels_tiff(outputs.labels, labels)
     return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
+
+
+def _segment_stack(session: Any, array: Any, layout: Any, outputs: Outputs, args: argparse.Namespace) -> int:
+    """A stack frame by frame: each finished frame's labels (and cell rows) saved in a hidden
+    folder beside the outputs (``--resume`` skips them), then one label stack written."""
+    import shutil
+    from functools import partial
+
+    from tqdm import tqdm
+
+    from .io import atomic_write, write_label_stack_tiff
+    from .pipeline import NoCellsWarning
+    from .stack import frame_indices, read_frame, segment_frames
+
+    indices = frame_indices(layout)
+    frames_dir = outputs.labels.parent / f".{outputs.labels.name}.frames"
+    if not args.resume:
+        shutil.rmtree(frames_dir, ignore_errors=True)
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    for stale in frames_dir.glob(".*"):  # temp files of a killed run
+        stale.unlink(missing_ok=True)
+    stack_letters = "".join(layout.axes[a] for a in layout.stack_axes)
+
+    def frame_file(index: tuple[int, ...], suffix: str) -> Path:
+        return frames_dir / ("frame_" + "_".join(f"{i:06d}" for i in index) + suffix)
+
+    def read(index: tuple[int, ...]) -> np.ndarray:
+        frame = read_frame(array, layout, index)
+        picked = select_channels(frame, 2 if frame.ndim == 3 else None, args.nuclear_channel, args.whole_cell_channel)
+        return picked[:, :] if isinstance(picked, ChannelView) else frame
+
+    first = read(indices[0])  # bad channel options fail here, before any work
+    todo = [i for i in indices
+            if not (frame_file(i, ".npy").exists() and (outputs.cells is None or frame_file(i, ".csv").exists()))]
+    options = {"bbox_threshold": args.bbox_threshold, "normalize": args.clahe, "postprocess": args.postprocess,
+               "remove_boundaries": args.remove_boundaries}
+    bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=outputs.labels.name, unit="frame",
+               leave=False, disable=args.no_progress)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoCellsWarning)  # an empty frame is a result
+            for index, labels, details in segment_frames(
+                    session, read, todo, batch_size=args.batch_size,
+                    tile_size=None if args.no_tiling else args.tile_size, overlap=args.overlap,
+                    return_details=outputs.cells is not None, **options):
+                if outputs.cells is not None:
+                    rows = [[*index, *row] for row in cell_rows(labels, details)]
+                    atomic_write(frame_file(index, ".csv"), partial(_write_rows, rows=rows))
+                atomic_write(frame_file(index, ".npy"), partial(np.save, arr=labels))
+                bar.update(1)
+    finally:
+        bar.close()
+
+    if outputs.cells is not None:
+        def write_table(tmp):
+            with open(tmp, "w", newline="") as fh:
+                csv.writer(fh).writerow([a.lower() for a in stack_letters] + CSV_HEADER)
+                for index in indices:
+                    fh.write(frame_file(index, ".csv").read_text())
+
+        atomic_write(outputs.cells, write_table)
+    if outputs.overlay is not None:  # the first frame
+        from .io import overlay, write_png
+
+        write_png(outputs.overlay, overlay(first, np.load(frame_file(indices[0], ".npy"))))
+    cells = 0
+
+    def frames():
+        nonlocal cells
+        for index in indices:
+            labels = np.load(frame_file(index, ".npy"))
+            cells += int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
+            yield labels
+
+    # labels last: with --resume an interrupted stack is redone from its saved frames
+    write_label_stack_tiff(outputs.labels, frames(), layout.stack_shape + layout.plane_shape, stack_letters + "YX")
+    shutil.rmtree(frames_dir, ignore_errors=True)
+    return cells
+
+
+def _write_rows(path: str, *, rows: list[list]) -> None:
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
 
 
 def _streams(image: Any, axis: int | None, args: argparse.Namespace) -> bool:
@@ -412,7 +535,14 @@ def register(subparsers) -> None:
     p.add_argument("--no-build", action="store_true",
                    help="never export graphs or build engines here: use what the cache or the folders hold")
     p.add_argument("--device", help="torch device (default: cuda if available)")
-    p.add_argument("--channel-axis", type=int, help="axis of the channels (default: the smallest axis)")
+    p.add_argument("--axes", metavar="LETTERS",
+                   help="what each axis of the image is, one letter per axis after singleton axes are dropped: "
+                        "T (time), Z (depth), C (channels), Y, X, e.g. TYX, ZCYX (default: the file's axes "
+                        "metadata, OME / ImageJ TIFF or OME-Zarr; else channels on the smallest axis)")
+    p.add_argument("--stack-axis", type=int, metavar="I",
+                   help="axis I is a stack axis (time or z): each frame along it is segmented on its own")
+    p.add_argument("--channel-axis", type=int,
+                   help="axis of the channels (default: from the file's axes, else the smallest axis)")
     p.add_argument("--nuclear-channel", type=int, metavar="I", help="index of the nuclear channel on the channel axis")
     p.add_argument("--whole-cell-channel", type=int, metavar="I",
                    help="index of the whole-cell (membrane / cytoplasm) channel on the channel axis")

@@ -1,9 +1,12 @@
-"""Reading images and writing results (atomic writes: temp file + rename)."""
+"""Reading images (with the axes their files record) and writing results (atomic writes:
+temp file + rename)."""
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,227 @@ def _process_umask() -> int:
 
 
 _UMASK = _process_umask()
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ reading
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
+
+LAZY_TIFF_BYTES = 256 << 20
+
+# Axis letters of ``ImageFile.axes``: T time, Z depth (both stack axes), C channels, Y and X
+# the plane; "?" an axis the file does not label (or labels with a letter we do not use,
+# such as tifffile's Q, I or P).
+UNKNOWN_AXIS = "?"
+
+
+@dataclass
+class ImageFile:
+    """An image read from a file, with the axes the file records.
+
+    Attributes:
+        array: array-like (numpy array, memory map, zarr array or a lazy view with numpy
+            slicing) without singleton dimensions.
+        axes: one letter per dimension of ``array`` from "TZCYX?" ("?" where the file
+            does not say), or None when the file records no axes at all (.npy, plain zarr).
+        path: the file.
+    """
+
+    array: Any
+    axes: str | None
+    path: Path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.array.shape)
+
+    def close(self) -> None:
+        if hasattr(self.array, "close"):
+            self.array.close()
+
+
+def read_image(path: str | os.PathLike, lazy: bool | None = None) -> ImageFile:
+    """An image file as an array-like with its axes, read lazily where the format allows.
+
+    TIFF / OME-TIFF / ImageJ TIFF: the first series; axes from tifffile's ``series.axes``
+    where the file records them (OME-XML, ImageJ description, tifffile's shaped
+    description with axes; RGB samples as C). Above 256 MiB (or with ``lazy=True``)
+    tifffile's zarr view, which reads tiles or strips on demand (``close()`` it when done;
+    it also closes when collected), else read whole. ``.npy``: memory-mapped, no axes.
+    ``.zarr``: the array, or in a group the OME-Zarr (NGFF) full-resolution level with its
+    ``multiscales`` axes, else the array named "0" / the only array. PNG / JPEG: read whole
+    with OpenCV (colour as RGB, axes "YXC"). Singleton dimensions are dropped with their
+    axis letters (e.g. OME's T and Z of size 1).
+
+    Raises:
+        ValueError: unknown suffix, or a file that cannot be read as an image.
+        FileNotFoundError: no such file.
+    """
+    p = Path(path)
+    name = p.name.lower()
+    if not p.exists():
+        raise FileNotFoundError(f"no such image: {p}")
+    axes: str | None = None
+    try:
+        if name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            with tifffile.TiffFile(str(p)) as tif:
+                nbytes = tif.series[0].nbytes if tif.series else 0
+                axes = _tiff_axes(tif) if tif.series else None
+            if lazy or (lazy is None and nbytes > LAZY_TIFF_BYTES):
+                arr = _LazyTiff(str(p))
+            else:
+                arr = tifffile.imread(str(p))
+        elif name.endswith(".npy"):
+            arr = np.load(str(p), mmap_mode="r", allow_pickle=False)
+        elif name.endswith(".zarr"):
+            arr, axes = _open_zarr(p)
+        elif name.endswith((".png", ".jpg", ".jpeg")):
+            import cv2
+
+            arr = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+            if arr is None:
+                raise ValueError("OpenCV cannot decode it")
+            if arr.ndim == 3 and arr.shape[2] >= 3:
+                arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+            axes = "YXC"[:arr.ndim]
+        else:
+            raise ValueError(f"unknown image type (expected one of {', '.join(IMAGE_SUFFIXES)})")
+    except ValueError as err:
+        raise ValueError(f"cannot read image {p}: {err}") from None
+    except Exception as err:  # decoders raise many types for corrupt files
+        raise ValueError(f"cannot read image {p}: {type(err).__name__}: {err}") from None
+    if axes is not None and len(axes) != len(arr.shape):
+        log.warning("%s: axes %r do not match the array's shape %s; ignored", p, axes, tuple(arr.shape))
+        axes = None
+    arr, axes = _squeeze(arr, axes)
+    return ImageFile(arr, axes, p)
+
+
+def _tiff_axes(tif: Any) -> str:
+    """Axis letters of the first series, "?" where the file itself does not record the axis.
+
+    OME and ImageJ files record their axes; tifffile's own "shaped" files only when they
+    were written with ``metadata={"axes": ...}``. Without that, tifffile still names axes
+    from the TIFF structure (S for samples, Q / I for pages) which say how the writer laid
+    the pixels out, not what they are: only interleaved RGB samples count as channels.
+    """
+    import tifffile
+
+    series = tif.series[0]
+    page = series.keyframe
+    explicit = series.kind in ("ome", "imagej") or (
+        series.kind == "shaped" and any("axes" in meta for meta in (tif.shaped_metadata or ())))
+    rgb = page.photometric == tifffile.PHOTOMETRIC.RGB and (
+        explicit or series.kind != "shaped" or page.planarconfig == tifffile.PLANARCONFIG.CONTIG)
+    letters = []
+    for letter in series.axes.upper():
+        if letter in "YX":
+            letters.append(letter)
+        elif letter == "S":
+            letters.append("C" if explicit or rgb else UNKNOWN_AXIS)
+        elif letter in "TZC" and explicit:
+            letters.append(letter)
+        else:
+            letters.append(UNKNOWN_AXIS)
+    return "".join(letters)
+
+
+def _open_zarr(p: Path) -> tuple[Any, str | None]:
+    """A .zarr store: (array, axes from OME-Zarr ``multiscales`` or None)."""
+    import zarr
+
+    node = zarr.open(str(p), mode="r")
+    if hasattr(node, "shape"):
+        return node, None
+    attrs = dict(node.attrs)
+    multiscales = attrs.get("multiscales") or dict(attrs.get("ome") or {}).get("multiscales")
+    if multiscales:
+        first = multiscales[0]
+        arr = node[first["datasets"][0]["path"]]
+        names = [a["name"] if isinstance(a, dict) else a for a in first.get("axes") or ()]
+        axes = "".join(n.upper() if str(n).upper() in "TZCYX" and len(str(n)) == 1 else UNKNOWN_AXIS
+                       for n in names) or None
+        return arr, axes
+    names = [k for k, v in node.arrays()]
+    if "0" in names:
+        return node["0"], None
+    if len(names) == 1:
+        return node[names[0]], None
+    raise ValueError(f"zarr group {p} holds {len(names)} arrays {names}; expected one (or one named '0')")
+
+
+class _LazyTiff:
+    """The first series of a TIFF as a lazily read array (tifffile's zarr view)."""
+
+    def __init__(self, path: str) -> None:
+        import tifffile
+        import zarr
+
+        self.store = tifffile.imread(path, aszarr=True)
+        arr = zarr.open(self.store, mode="r")
+        if not hasattr(arr, "shape"):  # multi-resolution: the full-resolution level
+            arr = arr["0"]
+        self.array = arr
+        self.shape = tuple(arr.shape)
+        self.dtype = arr.dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index):
+        return np.asarray(self.array[index])
+
+    def close(self) -> None:
+        store, self.store = getattr(self, "store", None), None
+        if store is not None:
+            store.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _Squeezed:
+    """Lazy view of an array-like without its singleton dimensions."""
+
+    def __init__(self, array: Any, keep: list[int]) -> None:
+        self.array = array
+        self.keep = keep
+        self.shape = tuple(int(array.shape[i]) for i in keep)
+        self.dtype = array.dtype
+        self.ndim = len(self.shape)
+
+    def close(self) -> None:
+        if hasattr(self.array, "close"):
+            self.array.close()
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        full: list[Any] = [0] * len(self.array.shape)
+        for axis, item in zip(self.keep, index):
+            full[axis] = item
+        for axis in self.keep[len(index):]:
+            full[axis] = slice(None)
+        return np.asarray(self.array[tuple(full)])
+
+
+def _squeeze(arr: Any, axes: str | None = None) -> tuple[Any, str | None]:
+    """(array without its singleton dimensions, the axis letters of the kept ones)."""
+    shape = tuple(int(s) for s in arr.shape)
+    keep = [i for i, s in enumerate(shape) if s != 1]
+    kept_axes = None if axes is None else "".join(axes[i] for i in keep)
+    if len(keep) == len(shape):
+        return arr, axes
+    if isinstance(arr, np.ndarray):
+        return arr.reshape([shape[i] for i in keep]), kept_axes
+    return _Squeezed(arr, keep), kept_axes
+
+
+# ------------------------------------------------------------------------------ writing
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -55,6 +279,24 @@ def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray) -> Path:
     import tifffile
 
     return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib"))
+
+
+def write_label_stack_tiff(path: str | os.PathLike, frames: Any, shape: tuple[int, ...], axes: str) -> Path:
+    """A label stack -> compressed OME-TIFF with its axes, one frame in memory at a time.
+
+    Args:
+        frames: iterable of (H, W) integer arrays in C order of the stack axes.
+        shape: (stack sizes..., H, W).
+        axes: one letter per entry of ``shape``, e.g. "TYX", "TZYX".
+    """
+    import tifffile
+
+    shape = tuple(int(s) for s in shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+    pages = (np.ascontiguousarray(f, dtype=np.int32) for f in frames)
+    return atomic_write(path, lambda tmp: tifffile.imwrite(
+        tmp, pages, shape=shape, dtype=np.int32, ome=True, metadata={"axes": axes}, compression="zlib",
+        bigtiff=nbytes > (2 << 30) - (64 << 20)))
 
 
 def write_labels_tiff_tiled(path: str | os.PathLike, labels: Any, tile: int = 1024) -> Path:

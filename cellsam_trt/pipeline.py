@@ -433,6 +433,14 @@ class CellSAM:
         self._release_host_memory()
         return results
 
+    def segment_stack(self, stack: Any, *, axes: str | None = None, batch_size: int = 4, **options: Any) -> Any:
+        """Segment every frame of a time-lapse / z-stack on its own, frames batched through the
+        graphs: labels with the input's axes without C (e.g. (T, H, W) for axes "TCYX"), each
+        frame labelled 1..K_f. See ``stack.segment_stack`` for the arguments."""
+        from .stack import segment_stack
+
+        return segment_stack(self, stack, axes=axes, batch_size=batch_size, **options)
+
     def _release_host_memory(self) -> None:
         # On the CPU the graphs' activations were host memory: give the freed pages back
         # before the next call's encoder peak (on a GPU the host side is small).
@@ -639,6 +647,24 @@ def unload() -> None:
         _LAST_SESSION.clear()
 
 
+def _session_for(checkpoint: Any, model: Any, backend: str, device: Any, onnx_dir: Any, engine_dir: Any, cache: Any,
+                 build: bool | None, download: bool) -> CellSAM:
+    """The session the module-level functions use: ``model`` if given, else the kept one."""
+    from .modeling import CellSAMNetwork
+
+    if model is not None and checkpoint is not None:
+        raise ValueError("pass either model= or checkpoint=, not both")
+    if isinstance(model, CellSAM):
+        return model
+    if isinstance(model, CellSAMNetwork):
+        return CellSAM.from_network(model, device=device)
+    if model is None:
+        backend_options = {k: v for k, v in (("onnx_dir", onnx_dir), ("engine_dir", engine_dir), ("cache", cache),
+                                             ("build", build)) if v is not None}
+        return _loaded_session(checkpoint, backend, device, download, backend_options)
+    raise TypeError(f"model: expected a CellSAM session or CellSAMNetwork, got {type(model).__name__}")
+
+
 def segment(
     image: Any,
     *,
@@ -683,18 +709,36 @@ def segment(
     Returns:
         labels (H, W) int32, or (labels, details).
     """
-    from .modeling import CellSAMNetwork
-
-    if model is not None and checkpoint is not None:
-        raise ValueError("pass either model= or checkpoint=, not both")
-    if isinstance(model, CellSAM):
-        session = model
-    elif isinstance(model, CellSAMNetwork):
-        session = CellSAM.from_network(model, device=device)
-    elif model is None:
-        backend_options = {k: v for k, v in (("onnx_dir", onnx_dir), ("engine_dir", engine_dir), ("cache", cache),
-                                             ("build", build)) if v is not None}
-        session = _loaded_session(checkpoint, backend, device, download, backend_options)
-    else:
-        raise TypeError(f"model: expected a CellSAM session or CellSAMNetwork, got {type(model).__name__}")
+    session = _session_for(checkpoint, model, backend, device, onnx_dir, engine_dir, cache, build, download)
     return session.segment(image, boxes=boxes, bbox_threshold=bbox_threshold, return_details=return_details, **options)
+
+
+def segment_stack(
+    stack: Any,
+    *,
+    axes: str | None = None,
+    checkpoint: Any = None,
+    model: Any = None,
+    backend: str = "auto",
+    device: str | torch.device | None = None,
+    onnx_dir: Any = None,
+    engine_dir: Any = None,
+    cache: Any = None,
+    build: bool | None = None,
+    download: bool = False,
+    **options: Any,
+) -> Any:
+    """Segment every frame of a time-lapse / z-stack on its own, with the session ``segment()`` uses.
+
+    Args:
+        stack: array-like, or an ``io.ImageFile`` from ``io.read_image`` (its axes are used).
+        axes: one letter per dimension, e.g. "TYX", "ZYX", "TCYX" (T time, Z depth, C at most
+            3 channels, Y, X).
+        checkpoint, model, backend, device, onnx_dir, engine_dir, cache, build, download: as ``segment``.
+        **options: as ``CellSAM.segment_stack`` (batch_size, progress, return_details, normalize, ...).
+
+    Returns:
+        labels int32 with the input's axes without C; each frame labelled 1..K_f.
+    """
+    session = _session_for(checkpoint, model, backend, device, onnx_dir, engine_dir, cache, build, download)
+    return session.segment_stack(stack, axes=axes, **options)

@@ -68,13 +68,13 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from . import memory
 from . import preprocess as pre
+from .io import IMAGE_SUFFIXES, LAZY_TIFF_BYTES, read_image  # noqa: F401  (file reading lives in io; names kept here)
 
 log = logging.getLogger(__name__)
 
@@ -311,133 +311,11 @@ class ImageSource:
         return source
 
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
-
-
-LAZY_TIFF_BYTES = 256 << 20
-
-
 def open_image(path: str | os.PathLike, lazy: bool | None = None) -> Any:
-    """An image file as an array-like, read lazily where the format allows.
-
-    TIFF / OME-TIFF: the first series; above 256 MiB (or with ``lazy=True``) tifffile's zarr
-    view, which reads tiles or strips on demand (``close()`` it when done; it also closes
-    when collected), else read whole. ``.npy``: memory-mapped; ``.zarr``: the array, or in
-    a group the array named "0" / the only array; PNG / JPEG: read whole with OpenCV
-    (colour as RGB). Singleton dimensions are dropped (e.g. OME's T and Z of size 1).
-
-    Raises:
-        ValueError: unknown suffix, or a file that cannot be read as an image.
-        FileNotFoundError: no such file.
-    """
-    p = Path(path)
-    name = p.name.lower()
-    if not p.exists():
-        raise FileNotFoundError(f"no such image: {p}")
-    try:
-        if name.endswith((".tif", ".tiff")):
-            import tifffile
-
-            with tifffile.TiffFile(str(p)) as tif:
-                nbytes = tif.series[0].nbytes if tif.series else 0
-            if lazy or (lazy is None and nbytes > LAZY_TIFF_BYTES):
-                arr = _LazyTiff(str(p))
-            else:
-                arr = tifffile.imread(str(p))
-        elif name.endswith(".npy"):
-            arr = np.load(str(p), mmap_mode="r", allow_pickle=False)
-        elif name.endswith(".zarr"):
-            import zarr
-
-            arr = zarr.open(str(p), mode="r")
-            if not hasattr(arr, "shape"):
-                names = [k for k, v in arr.arrays()]
-                if "0" in names:
-                    arr = arr["0"]
-                elif len(names) == 1:
-                    arr = arr[names[0]]
-                else:
-                    raise ValueError(f"zarr group {p} holds {len(names)} arrays {names}; expected one (or one named '0')")
-        elif name.endswith((".png", ".jpg", ".jpeg")):
-            import cv2
-
-            arr = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
-            if arr is None:
-                raise ValueError("OpenCV cannot decode it")
-            if arr.ndim == 3 and arr.shape[2] >= 3:
-                arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-        else:
-            raise ValueError(f"unknown image type (expected one of {', '.join(IMAGE_SUFFIXES)})")
-    except ValueError as err:
-        raise ValueError(f"cannot read image {p}: {err}") from None
-    except Exception as err:  # decoders raise many types for corrupt files
-        raise ValueError(f"cannot read image {p}: {type(err).__name__}: {err}") from None
-    return _squeeze(arr)
-
-
-class _LazyTiff:
-    """The first series of a TIFF as a lazily read array (tifffile's zarr view)."""
-
-    def __init__(self, path: str) -> None:
-        import tifffile
-        import zarr
-
-        self.store = tifffile.imread(path, aszarr=True)
-        arr = zarr.open(self.store, mode="r")
-        if not hasattr(arr, "shape"):  # multi-resolution: the full-resolution level
-            arr = arr["0"]
-        self.array = arr
-        self.shape = tuple(arr.shape)
-        self.dtype = arr.dtype
-        self.ndim = len(self.shape)
-
-    def __getitem__(self, index):
-        return np.asarray(self.array[index])
-
-    def close(self) -> None:
-        store, self.store = getattr(self, "store", None), None
-        if store is not None:
-            store.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-class _Squeezed:
-    """Lazy view of an array-like without its singleton dimensions."""
-
-    def __init__(self, array: Any, keep: list[int]) -> None:
-        self.array = array
-        self.keep = keep
-        self.shape = tuple(int(array.shape[i]) for i in keep)
-        self.dtype = array.dtype
-        self.ndim = len(self.shape)
-
-    def close(self) -> None:
-        if hasattr(self.array, "close"):
-            self.array.close()
-
-    def __getitem__(self, index):
-        index = index if isinstance(index, tuple) else (index,)
-        full: list[Any] = [0] * len(self.array.shape)
-        for axis, item in zip(self.keep, index):
-            full[axis] = item
-        for axis in self.keep[len(index):]:
-            full[axis] = slice(None)
-        return np.asarray(self.array[tuple(full)])
-
-
-def _squeeze(arr: Any) -> Any:
-    shape = tuple(int(s) for s in arr.shape)
-    keep = [i for i, s in enumerate(shape) if s != 1]
-    if len(keep) == len(shape):
-        return arr
-    if isinstance(arr, np.ndarray):
-        return arr.reshape([shape[i] for i in keep])
-    return _Squeezed(arr, keep)
+    """An image file as an array-like, read lazily where the format allows, without its
+    singleton dimensions: ``io.read_image(path, lazy).array`` (``io.read_image`` also gives
+    the axes the file records)."""
+    return read_image(path, lazy).array
 
 
 # ---------------------------------------------------------------- whole-image normalisation

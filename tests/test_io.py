@@ -1,0 +1,65 @@
+"""``io.read_image``: the array and the axes the file records (OME / ImageJ / tifffile TIFF, OME-Zarr)."""
+import numpy as np
+import pytest
+import tifffile
+
+from cellsam_trt.io import read_image, write_label_stack_tiff
+from cellsam_trt.tiling import open_image
+
+
+@pytest.mark.parametrize("shape, kwargs, axes", [
+    ((3, 32, 40), {"ome": True, "metadata": {"axes": "TYX"}}, "TYX"),
+    ((2, 32, 40), {"ome": True, "metadata": {"axes": "ZYX"}}, "ZYX"),
+    ((2, 3, 32, 40), {"ome": True, "metadata": {"axes": "TCYX"}}, "TCYX"),
+    ((2, 32, 40), {"ome": True, "metadata": {"axes": "CYX"}}, "CYX"),
+    ((3, 32, 40), {"imagej": True, "metadata": {"axes": "TYX"}}, "TYX"),
+    ((2, 32, 40), {"imagej": True, "metadata": {"axes": "ZYX"}}, "ZYX"),
+    ((3, 32, 40), {"metadata": {"axes": "TYX"}, "photometric": "minisblack"}, "TYX"),  # tifffile's own description
+    ((1, 3, 32, 40), {"ome": True, "metadata": {"axes": "TCYX"}}, "CYX"),  # singleton T dropped with its letter
+    ((3, 32, 40), {"photometric": "minisblack"}, "?YX"),  # no axes written: pages say nothing
+    # tifffile's old default for 3 planes: planar RGB samples, a layout rather than a statement
+    ((3, 32, 40), {"photometric": "rgb", "planarconfig": "separate"}, "?YX"),
+    ((10, 32, 40), {}, "?YX"),
+    ((32, 40, 3), {"photometric": "rgb"}, "YXC"),  # interleaved RGB samples are colour channels
+    ((32, 40), {}, "YX"),
+])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_tiff_axes(tmp_path, shape, kwargs, axes, lazy):
+    data = np.arange(np.prod(shape), dtype=np.uint16).reshape(shape)
+    tifffile.imwrite(tmp_path / "a.tif", data, **kwargs)
+    image = read_image(tmp_path / "a.tif", lazy=lazy)
+    try:
+        assert image.axes == axes
+        np.testing.assert_array_equal(np.asarray(image.array[...]), data.squeeze())
+        assert open_image(tmp_path / "a.tif").shape == image.shape  # the old name reads the same array
+    finally:
+        image.close()
+
+
+def test_ome_zarr_axes_and_plain_files(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    data = np.arange(2 * 3 * 16 * 20, dtype=np.uint16).reshape(2, 1, 3, 16, 20)
+    group = zarr.open_group(str(tmp_path / "img.zarr"), mode="w", zarr_format=2)
+    level = group.create_array("0", shape=data.shape, dtype=data.dtype, chunks=(1, 1, 1, 16, 20))
+    level[...] = data
+    group.attrs["multiscales"] = [{
+        "version": "0.4",
+        "axes": [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}, {"name": "z", "type": "space"},
+                 {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+        "datasets": [{"path": "0"}],
+    }]
+    image = read_image(tmp_path / "img.zarr")
+    assert image.axes == "TZYX" and image.shape == (2, 3, 16, 20)
+    np.testing.assert_array_equal(np.asarray(image.array[...]), data[:, 0])
+
+    np.save(tmp_path / "plain.npy", data[:, 0])
+    assert read_image(tmp_path / "plain.npy").axes is None  # .npy records no axes
+
+
+def test_label_stack_tiff_keeps_its_axes(tmp_path):
+    frames = [np.full((16, 20), k, np.int32) for k in range(6)]
+    write_label_stack_tiff(tmp_path / "l.tif", iter(frames), (2, 3, 16, 20), "TZYX")
+    with tifffile.TiffFile(tmp_path / "l.tif") as tif:
+        assert tif.series[0].axes == "TZYX"
+        np.testing.assert_array_equal(tif.asarray(), np.stack(frames).reshape(2, 3, 16, 20))
+    assert read_image(tmp_path / "l.tif").axes == "TZYX"
