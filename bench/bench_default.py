@@ -172,8 +172,7 @@ def run_worker(mode: str, args: argparse.Namespace, files: dict[str, str], resul
         command += ["--boxes", files["boxes"]]
     print(f"  {mode} ({calls} calls)...", file=sys.stderr, flush=True)
     try:
-        proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         print(f"  {mode}: stopped after {timeout:.0f} s", file=sys.stderr, flush=True)
         return {"mode": mode, "error": f"stopped after {timeout:.0f} s"}
@@ -234,10 +233,10 @@ def main() -> int:
     if not args.released or not (Path(args.released).expanduser() / "cellSAM" / "sam_inference.py").is_file():
         parser.error("--released: a vanvalenlab/cellSAM checkout is needed (the folder holding cellSAM/)")
 
+    import torch
+
     from cellsam_trt.accuracy import label_agreement
     from cellsam_trt.bench import machine_info, save_report
-
-    import torch
 
     image = bench_image(args)
     work = Path(tempfile.mkdtemp(prefix="cellsam-bench-default-"))

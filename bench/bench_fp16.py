@@ -130,7 +130,7 @@ def markdown(report: dict) -> str:
     def iou(stats):
         return "-" if stats["iou_min"] is None else f"{stats['iou_min']:.3f} / {stats['iou_mean']:.4f}"
 
-    for name, variant in report["variants"].items():
+    for variant in report["variants"].values():
         islands = ", ".join(variant["fp32_ops"]) or "none"
         for seed, row in zip(report["seeds"], variant["images"]):
             finder, user = row["cellfinder"], row["user_boxes"]["labels"]
@@ -140,11 +140,11 @@ def markdown(report: dict) -> str:
     lines += ["", "Max abs difference of each graph output (FP32 scale in brackets: max |FP32 output|):", "",
               "| FP32 islands | image | " + " | ".join(next(iter(report["variants"].values()))["images"][0]["outputs"]) + " |",
               "|---|---|" + "---|" * len(next(iter(report["variants"].values()))["images"][0]["outputs"])]
-    for name, variant in report["variants"].items():
+    for variant in report["variants"].values():
         islands = ", ".join(variant["fp32_ops"]) or "none"
         for seed, row in zip(report["seeds"], variant["images"]):
             cells = []
-            for key, stats in row["outputs"].items():
+            for stats in row["outputs"].values():
                 scale = stats["max_abs"] / stats["max_rel"] if stats["max_rel"] else float("nan")
                 extra = f", mask IoU min {stats['min_iou']:.4f}" if "min_iou" in stats else ""
                 cells.append(f"{stats['max_abs']:.3g} ({scale:.3g}){extra}")

@@ -83,7 +83,7 @@ def run(mode: str, side: int, files: dict, work: Path, timeout: float) -> dict:
         command += ["--file", files[f"tiff-{side}"], "--out", str(work / f"out-{side}")]
     print(f"  {mode} {side}...", file=sys.stderr, flush=True)
     try:
-        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"mode": mode, "side": side, "error": f"stopped after {timeout:.0f} s"}
     if proc.returncode != 0:

@@ -39,8 +39,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .runtime.artifacts import MANIFEST_VERSION, load_manifest
 from .runtime.base import BackendError

@@ -8,6 +8,7 @@ SAM that then supplies the embedding, prompt encoder and mask decoder) and
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -16,9 +17,8 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 

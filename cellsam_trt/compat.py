@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,11 +74,11 @@ class CompatCellSAM(CellSAM):
     def bbox_threshold(self, value: float) -> None:
         self.options = replace(self.options, bbox_threshold=self._options(value, None).bbox_threshold)
 
-    def eval(self) -> "CompatCellSAM":
+    def eval(self) -> CompatCellSAM:
         """No-op (inference only); returns the session, as ``nn.Module.eval`` returns the module."""
         return self
 
-    def to(self, device: str | torch.device) -> "CompatCellSAM":
+    def to(self, device: str | torch.device) -> CompatCellSAM:
         """Return the session if it already runs on ``device``.
 
         A session cannot move between devices (ONNX Runtime and TensorRT sessions are tied

@@ -79,12 +79,12 @@ class ModelConfig:
         return self.sam.encoder.img_size
 
     @classmethod
-    def cellsam(cls) -> "ModelConfig":
+    def cellsam(cls) -> ModelConfig:
         """The released CellSAM v1.2 architecture."""
         return cls()
 
     @classmethod
-    def tiny(cls) -> "ModelConfig":
+    def tiny(cls) -> ModelConfig:
         """Same graph structure with small widths; for tests and smoke benchmarks."""
         vit = ViTConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), out_chans=32)
         sam = SAMConfig(
@@ -98,7 +98,7 @@ class ModelConfig:
         return cls(sam=sam, cellfinder=finder, name="tiny")
 
     @classmethod
-    def named(cls, name: str) -> "ModelConfig":
+    def named(cls, name: str) -> ModelConfig:
         """``"cellsam-vit-b"`` (alias ``"cellsam"``) or ``"tiny"``."""
         if name in ("cellsam", "cellsam-vit-b"):
             return cls.cellsam()
@@ -110,7 +110,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         sam = dict(d["sam"])
         sam["encoder"] = _vit(sam["encoder"])
         finder = dict(d["cellfinder"])

@@ -6,8 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from . import checkpoint as ckpt
 from .config import ModelConfig
 from .io import overlay, write_labels_tiff, write_png

@@ -75,7 +75,7 @@ class ImageEmbedding:
         return atomic_write(path, write)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, weights: str | None = None) -> "ImageEmbedding":
+    def load(cls, path: str | os.PathLike, *, weights: str | None = None) -> ImageEmbedding:
         """Read what ``save`` wrote.
 
         Args:

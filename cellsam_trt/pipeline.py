@@ -11,9 +11,10 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -150,7 +151,7 @@ class CellSAM:
         cls, checkpoint: Any = None, *, backend: str = "auto", device: str | torch.device | None = None,
         download: bool = False, options: InferenceConfig | None = None, cache: Any = None,
         build: bool | None = None, **backend_options: Any,
-    ) -> "CellSAM":
+    ) -> CellSAM:
         """Load weights (released format) and build the chosen backend.
 
         Args:
@@ -176,7 +177,7 @@ class CellSAM:
         return cls(made, options)
 
     @classmethod
-    def from_network(cls, network: Any, *, device: str | torch.device | None = None, options: InferenceConfig | None = None) -> "CellSAM":
+    def from_network(cls, network: Any, *, device: str | torch.device | None = None, options: InferenceConfig | None = None) -> CellSAM:
         """Wrap an in-memory ``CellSAMNetwork`` with the torch backend."""
         from .runtime import TorchBackend
 
@@ -276,7 +277,7 @@ class CellSAM:
         return (labels, details) if return_details else labels
 
     def embed(self, image: Any, *, normalize: bool | str = True, channel_axis: int | None = None,
-              cellfinder: bool = True, cache_dir: str | os.PathLike | None = None) -> "ImageEmbedding":
+              cellfinder: bool = True, cache_dir: str | os.PathLike | None = None) -> ImageEmbedding:
         """Preprocess an image and run the encoder (and CellFinder) once, for many ``segment``
         or ``interactive.Annotation`` calls on it.
 
@@ -325,7 +326,7 @@ class CellSAM:
         self._release_host_memory()
         return out
 
-    def _segment_embedded(self, embedded: "ImageEmbedding", boxes: Any, bbox_threshold: float | None,
+    def _segment_embedded(self, embedded: ImageEmbedding, boxes: Any, bbox_threshold: float | None,
                           postprocess: bool, remove_boundaries: bool, chunk_size: int | None, return_details: bool,
                           progress: bool) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
         """``segment`` on an embedding: boxes (CellFinder's, from the embedding, or the user's), decoder, clean-up."""
@@ -447,7 +448,7 @@ class CellSAM:
         if self.backend.device.type == "cpu":
             release_freed_host_memory()
 
-    def _prepare(self, image: Any, boxes: Any, normalize: bool | str, channel_axis: int | None) -> "_Prepared":
+    def _prepare(self, image: Any, boxes: Any, normalize: bool | str, channel_axis: int | None) -> _Prepared:
         """Validate and format one image; build both model inputs (the CellFinder one only without user boxes)."""
         backend = self.backend
         size = backend.config.image_size
@@ -466,7 +467,7 @@ class CellSAM:
         finder_input = pre.cellfinder_input(tensor, size, backend.adapted_inputs) if user_boxes is None else None
         return _Prepared(height, width, user_boxes, model_input, finder_input)
 
-    def _boxes_and_masks(self, embedding: Tensor, finder: tuple[Tensor, Tensor] | None, item: "_Prepared",
+    def _boxes_and_masks(self, embedding: Tensor, finder: tuple[Tensor, Tensor] | None, item: _Prepared,
                          opts: InferenceConfig, timer: _Timer, progress: bool) -> tuple:
         """Boxes in model space (CellFinder's, thresholded, or the user's), then decoded and painted masks."""
         backend = self.backend
@@ -483,7 +484,7 @@ class CellSAM:
             painter, kept, kept_iou = self._decode(embedding, boxes_model, (item.height, item.width), opts, progress)
         return boxes_model, scores, painter, kept, kept_iou
 
-    def _finish(self, embedding: Tensor, item: "_Prepared", decoded: tuple, opts: InferenceConfig, timer: _Timer,
+    def _finish(self, embedding: Tensor, item: _Prepared, decoded: tuple, opts: InferenceConfig, timer: _Timer,
                 postprocess: bool, remove_boundaries: bool, return_details: bool,
                 ) -> tuple[np.ndarray, SegmentationDetails | None]:
         """Clean-up of the painted labels, and the details."""

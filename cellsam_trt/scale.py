@@ -59,10 +59,29 @@ import numpy as np
 
 from . import preprocess as pre
 from .tiling import (
-    ChannelNorm, ImageSource, TileGrid, TiledDetails, TileResult, _combine_tables, assign_boxes, channel_statistics,
-    check_tiling, clahe_region, compaction_table, finish_normalization, finish_statistics, label_dtype,
-    merge_statistics, paint_tile, region_extremes, regions, resolve_band, scale_clahe, segment_tile_batch,
-    tile_batches, top_count,
+    ChannelNorm,
+    ImageSource,
+    TiledDetails,
+    TileGrid,
+    TileResult,
+    _combine_tables,
+    assign_boxes,
+    channel_statistics,
+    check_tiling,
+    clahe_region,
+    compaction_table,
+    finish_normalization,
+    finish_statistics,
+    label_dtype,
+    merge_statistics,
+    paint_tile,
+    region_extremes,
+    regions,
+    resolve_band,
+    scale_clahe,
+    segment_tile_batch,
+    tile_batches,
+    top_count,
 )
 
 log = logging.getLogger(__name__)
@@ -256,7 +275,7 @@ class InProcessClient:
     def close(self) -> None:
         _IN_PROCESS_SESSIONS.pop(self.plugin_name, None)
 
-    def __enter__(self) -> "InProcessClient":
+    def __enter__(self) -> InProcessClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -67,8 +67,9 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -150,7 +151,7 @@ class TileGrid:
     bounds_x: tuple[int, ...]
 
     @classmethod
-    def plan(cls, height: int, width: int, tile_size: int = 1024, overlap: int = 128) -> "TileGrid":
+    def plan(cls, height: int, width: int, tile_size: int = 1024, overlap: int = 128) -> TileGrid:
         """Plan tiles; ValueError naming the argument for invalid sizes."""
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
@@ -251,7 +252,8 @@ class ImageSource:
         if not hasattr(image, "shape") or not hasattr(image, "dtype") or not hasattr(image, "__getitem__"):
             raise ValueError(f"image: expected an array (H, W) or (H, W, C), got {type(image).__name__}")
         dtype = np.dtype(image.dtype)
-        if dtype == object or not (np.issubdtype(dtype, np.number) or dtype == bool) or np.issubdtype(dtype, np.complexfloating):
+        if dtype.kind == "O" or not (np.issubdtype(dtype, np.number) or dtype.kind == "b") \
+                or np.issubdtype(dtype, np.complexfloating):
             raise ValueError(f"image: expected a real numeric dtype, got {dtype}")
         shape = tuple(int(s) for s in image.shape)
         if len(shape) not in (2, 3):
@@ -303,7 +305,7 @@ class ImageSource:
             self.array = open_image(*self._opener)
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike, channel_axis: int | None = None) -> "ImageSource":
+    def from_path(cls, path: str | os.PathLike, channel_axis: int | None = None) -> ImageSource:
         """Open an image file lazily (see ``open_image``); pickles as its path."""
         path = str(path)
         source = cls(open_image(path), channel_axis)

@@ -5,11 +5,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from export_shared import tiny_export
 
 from cellsam_trt.checkpoint import random_network
 from cellsam_trt.config import ModelConfig
 from cellsam_trt.testing import steer_random_network, synthetic_cells
-from export_shared import tiny_export
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 

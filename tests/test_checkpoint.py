@@ -6,8 +6,13 @@ import torch
 from segment_anything import sam_model_registry
 
 from cellsam_trt.checkpoint import (
-    CheckpointError, infer_config, load_checkpoint, random_network, read_state_dict,
-    write_checkpoint, write_random_checkpoint,
+    CheckpointError,
+    infer_config,
+    load_checkpoint,
+    random_network,
+    read_state_dict,
+    write_checkpoint,
+    write_random_checkpoint,
 )
 from cellsam_trt.config import ModelConfig
 from cellsam_trt.modeling import CellSAMNetwork

@@ -10,13 +10,13 @@ import torch
 import cellsam_trt.checkpoint as ckpt
 from cellsam_trt import CellSAM, InferenceConfig, NoCellsWarning, compat
 from cellsam_trt.checkpoint import CheckpointError, random_network, write_checkpoint
+
+# the calls below are written as in the released README / tutorial, with this import
+from cellsam_trt.compat import cellsam_pipeline, format_image_shape, get_model, normalize_image, segment_cellular_image
 from cellsam_trt.config import ModelConfig
 from cellsam_trt.postprocess import fill_holes_and_remove_small
 from cellsam_trt.preprocess import format_image
 from cellsam_trt.tiling import segment_large
-
-# the calls below are written as in the released README / tutorial, with this import
-from cellsam_trt.compat import cellsam_pipeline, format_image_shape, get_model, normalize_image, segment_cellular_image
 
 # decoder calls of 64 boxes: the tiny decoder is cheap, the default 4 per call (for ViT-B
 # on the CPU) would spend the tests' time in Python overhead

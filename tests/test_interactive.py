@@ -35,11 +35,17 @@ def counting_session(network):
 
     backend = TorchBackend(network, device="cpu")
     backend.calls = {"encoder": 0, "cellfinder": 0, "decoder": 0}
+
+    def counting(name):
+        inner = getattr(backend, name)
+
+        def counted(*args, **kwargs):
+            backend.calls[name] += 1
+            return inner(*args, **kwargs)
+        return counted
+
     for name in backend.calls:
-        def counted(*args, _name=name, _inner=getattr(backend, name), **kwargs):
-            backend.calls[_name] += 1
-            return _inner(*args, **kwargs)
-        setattr(backend, name, counted)
+        setattr(backend, name, counting(name))
     return CellSAM(backend)
 
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from export_shared import copy_export
 from onnx import TensorProto, helper
 
 from cellsam_trt import CellSAM, cli
@@ -14,7 +15,6 @@ from cellsam_trt.engines import verify_backend
 from cellsam_trt.mixed_precision import FP32_ISLAND_OPS, ConversionError, describe_precision, sort_nodes
 from cellsam_trt.runtime import BackendError, OnnxRuntimeBackend
 from cellsam_trt.runtime.artifacts import GRAPH_SPECS, load_manifest
-from export_shared import copy_export
 
 pytest.importorskip("onnxruntime")
 

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from export_shared import copy_export
 
 from cellsam_trt import CellSAM
 from cellsam_trt.checkpoint import random_network, write_checkpoint
@@ -18,7 +19,6 @@ from cellsam_trt.runtime import (
     TorchBackend,
     create_backend,
 )
-from export_shared import copy_export
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from export_shared import copy_export
 
 from cellsam_trt import CellSAM, cli
 from cellsam_trt.checkpoint import file_sha256, random_network, write_checkpoint
@@ -21,7 +22,6 @@ from cellsam_trt.runtime.tensorrt_backend import (
     load_engine_metadata,
     require_tensorrt,
 )
-from export_shared import copy_export
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_trt = pytest.mark.skipif(

@@ -9,10 +9,20 @@ from cellsam_trt import CellSAM, NoCellsWarning
 from cellsam_trt import preprocess as pre
 from cellsam_trt.scale import synthetic_slide
 from cellsam_trt.tiling import (
-    ImageSource, TileGrid, assign_boxes, label_dtype, normalize_large, open_image, paint_tile, percentile_of_top,
-    regions, scale_clahe, segment_large, stitch_tiles, tile_candidates,
+    ImageSource,
+    TileGrid,
+    assign_boxes,
+    label_dtype,
+    normalize_large,
+    open_image,
+    paint_tile,
+    percentile_of_top,
+    regions,
+    scale_clahe,
+    segment_large,
+    stitch_tiles,
+    tile_candidates,
 )
-
 
 # ---------------------------------------------------------------------------- grid
 

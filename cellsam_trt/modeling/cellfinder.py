@@ -8,7 +8,6 @@ squares, so the padding mask of the released code is all False and drops out).
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch

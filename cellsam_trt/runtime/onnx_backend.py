@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -190,7 +191,7 @@ class OnnxRuntimeBackend(Backend):
                 else:
                     profile = image_profile_shapes(self.config, graph, trt_max_batch)
 
-                def spec(i: int) -> str:
+                def spec(i: int, profile=profile) -> str:
                     return ",".join(f"{name}:{'x'.join(map(str, shapes[i]))}" for name, shapes in profile.items())
 
                 cache.mkdir(parents=True, exist_ok=True)
