@@ -27,6 +27,14 @@ def steered_tiny(cell_image):
 
 
 @pytest.fixture(scope="session")
+def checkpoint(steered_tiny, tmp_path_factory) -> str:
+    """``steered_tiny`` written as a checkpoint file in the released layout."""
+    from cellsam_trt.checkpoint import write_checkpoint
+
+    return str(write_checkpoint(steered_tiny, tmp_path_factory.mktemp("weights") / "tiny.pt"))
+
+
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory, steered_tiny):
     """(checkpoint file, ONNX export folder) of ``steered_tiny``; read-only (``copy_export`` to tamper)."""
     return tiny_export(tmp_path_factory, steered_tiny)

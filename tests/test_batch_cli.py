@@ -14,15 +14,9 @@ import tifffile
 
 from cellsam_trt import CellSAM, NoCellsWarning
 from cellsam_trt.batch import expand_inputs, output_stem, unique_stems
-from cellsam_trt.checkpoint import write_checkpoint
 from cellsam_trt.cli import main
 from cellsam_trt.scale import synthetic_slide
 from cellsam_trt.tiling import segment_large
-
-
-@pytest.fixture(scope="module")
-def checkpoint(steered_tiny, tmp_path_factory):
-    return str(write_checkpoint(steered_tiny, tmp_path_factory.mktemp("weights") / "tiny.pt"))
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,9 @@ import tifffile
 
 import cellsam_trt.stack as stack_module
 from cellsam_trt import CellSAM, NoCellsWarning
-from cellsam_trt.checkpoint import write_checkpoint
 from cellsam_trt.cli import main
 from cellsam_trt.stack import segment_stack
 from cellsam_trt.testing import synthetic_cells
-
-
-@pytest.fixture(scope="module")
-def checkpoint(steered_tiny, tmp_path_factory):
-    return str(write_checkpoint(steered_tiny, tmp_path_factory.mktemp("weights") / "tiny.pt"))
 
 
 @pytest.fixture(scope="module")
