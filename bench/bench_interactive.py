@@ -1,0 +1,132 @@
+"""Interactive annotation: embed once, then each prompt costs the decoder only.
+
+One session, one image; side by side in one run:
+
+    full        ``session.segment(image, boxes=b)`` (preprocessing, encoder, decoder, clean-up)
+    embed       ``session.embed(image, cellfinder=False)`` (preprocessing and encoder, once)
+    prompt      ``session.segment(embedding, boxes=b)`` on that embedding (decoder, clean-up)
+    add         ``Annotation.add(box)`` with N cells already on screen (one box decoded and
+                painted, the labels cleaned up again)
+
+Labels of ``prompt`` are compared with ``full`` (they must be equal)::
+
+    python bench/bench_interactive.py --checkpoint STEERED_VIT_B.pt --boxes 5 --on-screen 0,10,100
+
+Without ``--checkpoint``: random tiny weights steered on the image (ratios only). The image is
+a 512 x 512 crop of the released code's tissue sample when ``--released`` names a checkout,
+else a synthetic one. The JSON report goes to ``bench/results/<device>/interactive-<date>.json``
+with a markdown table beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def timed(call, repeats: int) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls, and the last result."""
+    seconds, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = call()
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds), out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="weights in the released format (default: steered random tiny weights)")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--released", help="vanvalenlab/cellSAM checkout: its tissue sample image is used")
+    parser.add_argument("--boxes", type=int, default=5, help="boxes per prompt (default 5)")
+    parser.add_argument("--on-screen", default="0,10,100", help="cells already annotated before an add")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", help="JSON report (default: bench/results/<device>/interactive-<date>.json)")
+    args = parser.parse_args()
+
+    import cellsam_trt
+    from cellsam_trt.bench import bench_boxes, machine_info, save_report
+    from cellsam_trt.testing import synthetic_cells
+
+    warnings.simplefilter("ignore", cellsam_trt.NoCellsWarning)
+    if args.released:
+        from skimage.io import imread
+
+        image = np.ascontiguousarray(imread(Path(args.released).expanduser() / "sample_imgs" / "tissuenet.png")[:512, :512])
+    else:
+        image = synthetic_cells(512, 512, n_cells=60, seed=0)
+    if args.checkpoint:
+        session = cellsam_trt.CellSAM.from_checkpoint(args.checkpoint, backend=args.backend, device=args.device)
+    else:
+        from cellsam_trt.checkpoint import random_network
+        from cellsam_trt.config import ModelConfig
+        from cellsam_trt.testing import steer_random_network
+
+        session = cellsam_trt.CellSAM.from_network(steer_random_network(random_network(ModelConfig.tiny(), seed=0),
+                                                                        image), device=args.device)
+    h, w = image.shape[:2]
+    counts = [int(n) for n in args.on_screen.split(",") if n]
+    boxes = bench_boxes(args.boxes + max(counts) + 1, h, w, seed=1)
+    prompt_boxes = boxes[:args.boxes]
+    session.segment(image, boxes=prompt_boxes)  # warm-up: sessions, arenas, caches
+
+    full_seconds, full = timed(lambda: session.segment(image, boxes=prompt_boxes), args.repeats)
+    embed_seconds, embedding = timed(lambda: session.embed(image, cellfinder=False), args.repeats)
+    prompt_seconds, prompted = timed(lambda: session.segment(embedding, boxes=prompt_boxes), args.repeats)
+    rows = []
+    for count in counts:
+        annotation = cellsam_trt.Annotation(session, embedding)
+        for box in boxes[args.boxes:args.boxes + count]:
+            annotation.add(box)
+        seconds = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            cell = annotation.add(boxes[-1])
+            _ = annotation.labels  # what a viewer shows after the add
+            seconds.append(time.perf_counter() - t0)
+            if cell:
+                annotation.remove(cell)
+        rows.append({"on_screen": count, "add_seconds": statistics.median(seconds)})
+    report = {
+        "what": "embed once, prompt many times: full call vs prompt on a kept embedding",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(session.backend.device),
+        "backend": session.backend.describe(),
+        "config": session.backend.config.name,
+        "image": list(image.shape), "boxes": args.boxes, "repeats": args.repeats,
+        "full_seconds": full_seconds, "embed_seconds": embed_seconds, "prompt_seconds": prompt_seconds,
+        "speedup_prompt": full_seconds / prompt_seconds,
+        "labels_equal": bool(np.array_equal(full, prompted)), "cells": int(full.max()),
+        "embedding_mib": embedding.nbytes / 2**20,
+        "add": rows,
+    }
+    save_report(report, args.out, "interactive", session.backend.device, markdown)
+    return 0 if report["labels_equal"] else 1
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Embed once, prompt many times ({report['created']})", "",
+             f"{report['config']} on {report['backend']['backend']} ({report['backend']['device']}), image "
+             f"{tuple(report['image'])}, {report['boxes']} boxes per prompt, medians of {report['repeats']} calls.", "",
+             "| call | seconds |", "|---|---|",
+             f"| full `segment(image, boxes)` | {report['full_seconds']:.3f} |",
+             f"| `embed(image)` (once) | {report['embed_seconds']:.3f} |",
+             f"| `segment(embedding, boxes)` | {report['prompt_seconds']:.3f} |"]
+    lines += [f"| `Annotation.add` + labels, {r['on_screen']} cells on screen | {r['add_seconds']:.3f} |"
+              for r in report["add"]]
+    lines += ["", f"Prompt on the kept embedding: **{report['speedup_prompt']:.1f}x** the full call; labels "
+              f"{'equal' if report['labels_equal'] else 'DIFFERENT'} ({report['cells']} cells). The embedding holds "
+              f"{report['embedding_mib']:.1f} MiB.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
