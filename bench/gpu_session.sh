@@ -107,10 +107,8 @@ run_step() {
 
 for step in "$@"; do
     case $step in
-        tests)  # the CUDA tests (parity, fp16 accuracy, CUDA graphs, fused attention), which skip on a CPU
-            run_step tests "$LIMIT_TESTS" "$OUT/tests.log" $PY -m pytest -q -rs -p no:cacheprovider \
-                tests/test_pipeline.py::test_cuda_matches_cpu tests/test_accuracy.py::test_fp16_keeps_fp32s_boxes_and_foreground \
-                tests/test_torch_backend.py -k "cuda or fused or fp16_keeps" ;;
+        tests)  # every test marked gpu (parity, fp16 accuracy, CUDA graphs, fused attention), which skip on a CPU
+            run_step tests "$LIMIT_TESTS" "$OUT/tests.log" $PY -m pytest -q -rs -p no:cacheprovider -m gpu ;;
         torch)  # the torch backend's switches side by side against the released loop (bench_default.py)
             if [ ! -f "$RELEASED/cellSAM/sam_inference.py" ]; then
                 note "torch: FAILED, no released code in $RELEASED (bash bench/gpu_session.sh fetch-released)"; status=1

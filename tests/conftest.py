@@ -73,3 +73,16 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` and ``tensorrt`` tests run where their hardware is and skip with the reason elsewhere."""
+    import importlib.util
+
+    has_cuda = torch.cuda.is_available()
+    has_tensorrt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch sees none)"))
+        if "tensorrt" in item.keywords and not (has_tensorrt and has_cuda):
+            item.add_marker(pytest.mark.skip(reason="needs the tensorrt package and a CUDA GPU"))

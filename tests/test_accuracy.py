@@ -1,7 +1,6 @@
 """Agreement metrics (everywhere) and the fp16 accuracy check (where a CUDA GPU exists)."""
 import numpy as np
 import pytest
-import torch
 
 from cellsam_trt import CellSAM
 from cellsam_trt.accuracy import box_agreement, box_iou, label_agreement, precision_agreement
@@ -54,7 +53,7 @@ def test_precision_agreement_of_a_session_with_itself(steered_tiny, cell_image):
     assert out["boxes"]["recall"] == 1 and out["kept"]["reference"] == out["kept"]["test"] > 10
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 runs on a CUDA GPU; torch sees none")
+@pytest.mark.gpu
 def test_fp16_keeps_fp32s_boxes_and_foreground(steered_tiny, cell_image):
     """fp16 autocast against fp32 on CUDA, at the level random weights can show.
 

@@ -188,7 +188,7 @@ def test_readme_call_on_the_cpu(released_location, session, cell_image):
     np.testing.assert_array_equal(mask, session.segment(img))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the README's call asks for CUDA; no CUDA GPU here")
+@pytest.mark.gpu
 def test_readme_call_as_written(released_location, cell_image):
     img = cell_image[:128, :160]
     with warnings.catch_warnings():

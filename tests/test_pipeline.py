@@ -159,9 +159,8 @@ def test_optional_cleanups_run(session, cell_image, finder_result):
     assert smooth.shape == cell_image.shape[:2] and smooth.dtype == np.int32
 
 
+@pytest.mark.gpu
 def test_cuda_matches_cpu(steered_tiny, cell_image, finder_result, no_tf32):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (torch sees none)")
     from cellsam_trt.accuracy import label_agreement
 
     labels = CellSAM.from_network(steered_tiny, device="cuda").segment(cell_image)

@@ -24,10 +24,7 @@ from cellsam_trt.runtime.tensorrt_backend import (
 )
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-needs_trt = pytest.mark.skipif(
-    not (HAS_TENSORRT and torch.cuda.is_available()),
-    reason="needs the tensorrt package and a CUDA GPU",
-)
+needs_trt = pytest.mark.tensorrt
 no_trt = pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed; the missing-TensorRT message cannot be shown")
 
 

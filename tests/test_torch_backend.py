@@ -128,7 +128,7 @@ def test_torch_decoder_turns_allocation_failures_into_out_of_device_memory(tiny,
     assert isinstance(info.value, OutOfDeviceMemory) == retried
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
+needs_cuda = pytest.mark.gpu
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
