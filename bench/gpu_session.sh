@@ -15,7 +15,8 @@
 #     OUT=/tmp/gpu-session SMOKE=1 bash bench/gpu_session.sh tests decoder bench
 #
 # Everything lands in $OUT: machine.txt, summary.txt (one line per step and per failed
-# row), tests.log, torch.log with torch-switches.json|md, decoder.jsonl, decoder.log,
+# row), tests.log, torch.log with torch-switches.json|md, profile-fp32|fp16.md with their
+# traces (.json), decoder.jsonl, decoder.log,
 # bench.log and the bench report (results/<device>/<date>.json|md|png, two folders down).
 #
 # Exit status: 0 when every step ran to its end, rows that ran out of memory or whose
@@ -30,7 +31,8 @@ PY=${PYTHON:-python3}
 if [ "$1" = fetch-wheels ]; then
     # the device's python is 3.12; pip fetches from here, nothing is fetched there
     exec $PY -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "segment-anything==1.0" "platformdirs>=3"
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "segment-anything==1.0" "platformdirs>=3" \
+        kornia kornia_rs  # the released code (torch step) imports kornia
 fi
 if [ "$1" = fetch-released ]; then
     # the released package and the sample image the torch step segments (under 1 MB)
@@ -41,7 +43,8 @@ fi
 
 OUT=${OUT:?set OUT to a folder for the results}
 mkdir -p "$OUT"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+# the wheels are for the GPU host's Python; a smoke run here uses this machine's packages
+if [ -z "$SMOKE" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
 else
@@ -61,6 +64,7 @@ if [ -n "$SMOKE" ]; then
                 ${CHECKPOINT:+--checkpoint $CHECKPOINT}"
     DECODER_FP16_ARGS=""
     DECODER_FP32_ARGS="--config tiny --n 4,16 --repeats 2 --device cpu"
+    PROFILE_ARGS="--config tiny --n 16 --device cpu --calls 2"
     BENCH_ARGS="--smoke"
     STACK_ARGS="--frames 2 --side 128 --rounds 1 --batch-size 2"
     # one row of each kind runs out of memory, as SAM's decoder call at N = 3500 does on an
@@ -78,6 +82,7 @@ else
     TORCH_ARGS="--device cuda --modes released,torch --rounds 1 --calls 2 --no-cold --worker-timeout 150
                 --torch-variants eager,bf16,fp16,cudagraphs,fp16-cudagraphs,compile --budget $((LIMIT_TORCH - 25))"
     DECODER_FP16_ARGS="--config cellsam-vit-b --n 256,1024,3500 --fp16 --repeats 5"
+    PROFILE_ARGS="--config cellsam-vit-b --n 256 --device cuda"
     DECODER_FP32_ARGS="--config cellsam-vit-b --n 256,1024,3500 --repeats 5"
     # onnxruntime on the image is CPU-only (minutes per row at ViT-B size) and TensorRT is
     # absent: torch only here; a backend that is missing is listed in the report anyway
@@ -117,6 +122,13 @@ for step in "$@"; do
             run_step torch "$LIMIT_TORCH" "$OUT/torch.log" $PY bench/bench_default.py --released "$RELEASED" \
                 $TORCH_ARGS --out "$OUT/torch-switches.json"
             [ -f "$OUT/torch-switches.md" ] && sed -n '/^| configuration/,$p' "$OUT/torch-switches.md" >> "$OUT/summary.txt" ;;
+        profile)  # where one 256-box ViT-B decoder call spends its time, fp32 and fp16 (NOTES section 7)
+            for precision in fp32 fp16; do
+                flag=""; [ $precision = fp16 ] && flag="--fp16"
+                [ -n "$SMOKE" ] && [ $precision = fp16 ] && continue  # autocast fp16 is CUDA only
+                run_step "profile $precision" "$LIMIT_DECODER" "$OUT/profile.log" $PY bench/profile_decoder.py \
+                    $PROFILE_ARGS $flag --out "$OUT/profile-$precision.md"
+            done ;;
         suite)  # the whole test suite (on the GPU host: the CUDA tests run instead of skipping)
             run_step suite "$LIMIT_SUITE" "$OUT/suite.log" $PY -m pytest -q -rs ;;
         decoder)  # SAM's batched call against BoxDecoder: fp16 (CUDA only), then fp32, one JSON line per row
@@ -156,7 +168,7 @@ EOF
         stack)  # frames per second: segment_stack against a loop of segment (bench_stack.py)
             run_step stack "${LIMIT_STACK:-150}" "$OUT/stack.log" $PY bench/bench_stack.py $STACK_ARGS --out "$OUT/stack.json" ;;
         *)
-            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | suite | decoder | bench | stack)" >&2; exit 2 ;;
+            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | profile | suite | decoder | bench | stack)" >&2; exit 2 ;;
     esac
 done
 echo "--- summary ($OUT/summary.txt)"
