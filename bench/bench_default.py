@@ -166,13 +166,13 @@ def run_worker(mode: str, args: argparse.Namespace, files: dict[str, str], resul
             print(f"  {mode}: not run, the --budget of {args.budget:.0f} s is spent", file=sys.stderr, flush=True)
             return {"mode": mode, "error": f"not run: the --budget of {args.budget:.0f} s was spent"}
         timeout = left if timeout is None else min(timeout, left)
-    command = [sys.executable, __file__, "worker", mode, "--checkpoint", files["checkpoint"], "--image", files["image"],
+    argv = [sys.executable, __file__, "worker", mode, "--checkpoint", files["checkpoint"], "--image", files["image"],
                "--calls", str(calls), "--result", result, "--released", str(args.released), "--device", args.device]
     if files.get("boxes"):
-        command += ["--boxes", files["boxes"]]
+        argv += ["--boxes", files["boxes"]]
     print(f"  {mode} ({calls} calls)...", file=sys.stderr, flush=True)
     try:
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         print(f"  {mode}: stopped after {timeout:.0f} s", file=sys.stderr, flush=True)
         return {"mode": mode, "error": f"stopped after {timeout:.0f} s"}

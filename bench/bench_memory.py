@@ -77,13 +77,13 @@ def worker(args: argparse.Namespace) -> int:
 
 def run(mode: str, side: int, files: dict, work: Path, timeout: float) -> dict:
     result = work / f"{mode}-{side}.json"
-    command = [sys.executable, __file__, "worker", mode, "--side", str(side), "--checkpoint", files["checkpoint"],
+    argv = [sys.executable, __file__, "worker", mode, "--side", str(side), "--checkpoint", files["checkpoint"],
                "--result", str(result)]
     if mode == "cli":
-        command += ["--file", files[f"tiff-{side}"], "--out", str(work / f"out-{side}")]
+        argv += ["--file", files[f"tiff-{side}"], "--out", str(work / f"out-{side}")]
     print(f"  {mode} {side}...", file=sys.stderr, flush=True)
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"mode": mode, "side": side, "error": f"stopped after {timeout:.0f} s"}
     if proc.returncode != 0:

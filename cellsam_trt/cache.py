@@ -252,10 +252,10 @@ class ArtifactCache:
         """
         request = GraphRequest(Path(checkpoint).expanduser().resolve(), config)
         material = self.graph_material(request)
-        command = [sys.executable, "-m", "cellsam_trt.cli", "export", "--checkpoint", str(request.checkpoint)]
+        argv = [sys.executable, "-m", "cellsam_trt.cli", "export", "--checkpoint", str(request.checkpoint)]
         if config:
-            command += ["--config", config]
-        return self._entry("onnx", material, lambda out: [*command, "--out", str(out)],
+            argv += ["--config", config]
+        return self._entry("onnx", material, lambda out: [*argv, "--out", str(out)],
                            f"ONNX export of {request.checkpoint.name}", self._check_graphs)
 
     def engine_dir(self, checkpoint: str | os.PathLike, request: EngineRequest, *, config: str | None = None) -> Path:
@@ -269,13 +269,13 @@ class ArtifactCache:
         graphs = self.graph_material(GraphRequest(Path(checkpoint).expanduser().resolve(), config))
         material = self.engine_material(graphs, request)
 
-        def command(out: Path) -> list[str]:
+        def engine_argv(out: Path) -> list[str]:
             cmd = [sys.executable, "-m", "cellsam_trt.cli", "build-engines", "--onnx-dir", str(onnx),
                    "--out", str(out), "--max-batch", str(request.max_batch), "--max-boxes", str(request.max_boxes),
                    "--device", f"cuda:{request.device}"]
             return cmd + (["--fp32"] if request.precision == "fp32" else [])
 
-        return self._entry("engines", material, command, f"TensorRT engines for {request.gpu.get('name')}",
+        return self._entry("engines", material, engine_argv, f"TensorRT engines for {request.gpu.get('name')}",
                            self._check_engines)
 
     def _check_graphs(self, folder: Path, material: dict[str, Any]) -> None:
@@ -292,7 +292,7 @@ class ArtifactCache:
         if meta.get("checkpoint", {}).get("sha256") != material["checkpoint_sha256"]:
             raise BackendError("its engines.json names another checkpoint")
 
-    def _entry(self, kind: str, material: dict[str, Any], command, what: str, check) -> Path:
+    def _entry(self, kind: str, material: dict[str, Any], argv_for, what: str, check) -> Path:
         from filelock import FileLock, Timeout
 
         key = _key(material)
@@ -329,7 +329,7 @@ class ArtifactCache:
                     f"`cellsam-trt {'export' if kind == 'onnx' else 'build-engines'}` without --out "
                     f"(with {CACHE_ENV} pointing at this cache), or pass onnx_dir= / engine_dir="
                 )
-            return self._make(kind, key, folder, material, command, what, check)
+            return self._make(kind, key, folder, material, argv_for, what, check)
         finally:
             lock.release()
 
@@ -355,13 +355,13 @@ class ArtifactCache:
             log.info("removing the unfinished build %s of a killed process", stale)
             shutil.rmtree(stale, ignore_errors=True)
 
-    def _make(self, kind: str, key: str, folder: Path, material: dict[str, Any], command, what: str, check) -> Path:
+    def _make(self, kind: str, key: str, folder: Path, material: dict[str, Any], argv_for, what: str, check) -> Path:
         staging = folder.parent / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
         staging.mkdir(parents=True)
         try:
             self._say(f"making the {what} (first use; it will be cached in {folder})")
             t0 = time.perf_counter()
-            self._run(command(staging), what)
+            self._run_child(argv_for(staging), what)
             seconds = time.perf_counter() - t0
             try:
                 check(staging, material)
@@ -387,7 +387,7 @@ class ArtifactCache:
         if self.progress:
             print(f"cellsam-trt: {message}", file=sys.stderr, flush=True)
 
-    def _run(self, command: Sequence[str], what: str) -> None:
+    def _run_child(self, argv: Sequence[str], what: str) -> None:
         """Run the export / build child; CacheError with its last output when it fails.
 
         The child's stderr (its progress bar, warnings, error line) is passed through to
@@ -396,8 +396,8 @@ class ArtifactCache:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env[PROGRESS_ENV] = "1" if self.progress else "0"
-        log.info("running %s", " ".join(command))
-        proc = subprocess.Popen(list(command), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        log.info("running %s", " ".join(argv))
+        proc = subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         tail = b""
         assert proc.stderr is not None
@@ -419,7 +419,7 @@ class ArtifactCache:
         else:
             cause = f"it exited with status {code}"
         last = "; ".join(lines[-3:]) or "no output"
-        raise CacheError(f"the {what} failed: {cause} ({last}). Command: {' '.join(command)}")
+        raise CacheError(f"the {what} failed: {cause} ({last}). Command: {' '.join(argv)}")
 
     # -- listing ------------------------------------------------------------------------
 

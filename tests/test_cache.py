@@ -62,7 +62,7 @@ def copying_export(filled, monkeypatch):
                 shutil.copy(f, out / f.name)
         calls.append(command)
 
-    monkeypatch.setattr(ArtifactCache, "_run", run)
+    monkeypatch.setattr(ArtifactCache, "_run_child", run)
     return calls
 
 
@@ -89,7 +89,7 @@ def test_entry_is_a_checked_export_with_its_inputs(filled, checkpoint):
 
 def test_hit_does_not_export(filled, checkpoint, tmp_path, monkeypatch):
     root = copy_cache(filled, tmp_path)
-    monkeypatch.setattr(ArtifactCache, "_run", no_export)
+    monkeypatch.setattr(ArtifactCache, "_run_child", no_export)
     assert ArtifactCache(root).onnx_dir(checkpoint) == root / "onnx" / filled[1].name
 
 
@@ -206,7 +206,7 @@ def test_auto_falls_back_to_torch_with_a_logged_reason(checkpoint, tmp_path, mon
     def fail(self, command, what):
         raise CacheError(f"the {what} failed: it was killed, most likely for lack of memory (simulated)")
 
-    monkeypatch.setattr(ArtifactCache, "_run", fail)
+    monkeypatch.setattr(ArtifactCache, "_run_child", fail)
     with caplog.at_level(logging.INFO, logger="cellsam_trt.runtime"):
         backend = create_backend("auto", checkpoint=checkpoint, device="cpu", cache=tmp_path / "cache")
     assert isinstance(backend, TorchBackend)
@@ -219,7 +219,7 @@ def test_auto_falls_back_to_torch_with_a_logged_reason(checkpoint, tmp_path, mon
 
 def test_auto_on_the_cpu_takes_onnxruntime_from_the_cache(filled, checkpoint, tmp_path, monkeypatch):
     root = copy_cache(filled, tmp_path)
-    monkeypatch.setattr(ArtifactCache, "_run", no_export)
+    monkeypatch.setattr(ArtifactCache, "_run_child", no_export)
     backend = create_backend("auto", checkpoint=checkpoint, device="cpu", cache=root)
     assert isinstance(backend, OnnxRuntimeBackend)
     assert backend.folder == root / "onnx" / filled[1].name
@@ -229,7 +229,7 @@ def test_default_segment_uses_the_cache_and_agrees_with_torch(filled, checkpoint
                                                               steered_tiny, cell_image):
     root = copy_cache(filled, tmp_path)
     monkeypatch.setenv("CELLSAM_TRT_CACHE", str(root))
-    monkeypatch.setattr(ArtifactCache, "_run", no_export)
+    monkeypatch.setattr(ArtifactCache, "_run_child", no_export)
     torch_session = CellSAM.from_network(steered_tiny, device="cpu")
     boxes = np.array([[20, 30, 60, 70], [100, 40, 150, 90], [200, 150, 260, 200]], np.float32)
     try:
@@ -273,7 +273,7 @@ def test_cli_cache_list_and_clear(filled, tmp_path, capsys):
 
 def test_cli_export_without_out_fills_the_cache(filled, checkpoint, tmp_path, monkeypatch, capsys):
     root = copy_cache(filled, tmp_path)
-    monkeypatch.setattr(ArtifactCache, "_run", no_export)
+    monkeypatch.setattr(ArtifactCache, "_run_child", no_export)
     assert cli_main(["export", "--checkpoint", str(checkpoint), "--cache-dir", str(root)]) == 0
     assert str(root / "onnx" / filled[1].name) in capsys.readouterr().out
     assert cli_main(["export", "--checkpoint", str(checkpoint), "--opset", "18"]) == 1
