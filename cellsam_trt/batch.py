@@ -292,7 +292,7 @@ def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Nam
                     channel_axis: int | None) -> int:
     from .io import overlay, write_labels_tiff, write_png
     from .pipeline import NoCellsWarning
-    from .tiling import ImageSource, details_from_segmentation, segment_large
+    from .tiling import ImageSource, details_from_segmentation, segment_large, streams_by_default
 
     image = select_channels(raw, channel_axis, args.nuclear_channel, args.whole_cell_channel)
     axis = None if isinstance(image, ChannelView) else channel_axis
@@ -305,7 +305,8 @@ def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Nam
             full = source.read(0, source.height, 0, source.width)
             labels, seg = session.segment(full, channel_axis=-1, return_details=True, tile_size=None, **options)
             details = details_from_segmentation(labels, seg)
-        elif _streams(image, axis, args):
+        elif streams_by_default(*ImageSource(image, axis).shape, args.tile_size, args.overlap, args.batch_size,
+                                args.clahe):
             return _segment_streamed(session, image, axis, outputs, args, options)
         else:
             labels, details = segment_large(session, image, tile_size=args.tile_size, overlap=args.overlap,
@@ -402,19 +403,6 @@ def _segment_stack(session: Any, array: Any, layout: Any, outputs: Outputs, args
 def _write_rows(path: str, *, rows: list[list]) -> None:
     with open(path, "w", newline="") as fh:
         csv.writer(fh).writerows(rows)
-
-
-def _streams(image: Any, axis: int | None, args: argparse.Namespace) -> bool:
-    """Whether an image is too large to hold its tiled run in memory (``memory.tiled_host_bytes``)."""
-    from . import memory
-    from .tiling import ImageSource, TileGrid
-
-    source = ImageSource(image, axis)
-    if max(source.shape) <= args.tile_size:
-        return False
-    grid = TileGrid.plan(source.height, source.width, args.tile_size, args.overlap)
-    estimate = memory.tiled_host_bytes(source.height, source.width, grid, args.batch_size, bool(args.clahe))
-    return estimate["in_memory"] > memory.STREAM_ABOVE_BYTES
 
 
 def _segment_streamed(session: Any, image: Any, axis: int | None, outputs: Outputs, args: argparse.Namespace,

@@ -56,6 +56,12 @@ class ImageEmbedding:
         """File name stem of this embedding in a folder of saved embeddings."""
         return embedding_key(self.image_key, self.weights)
 
+    def check_made_by(self, backend: Any, argument: str) -> None:
+        """ValueError naming ``argument`` unless ``backend`` (its weights and precision) computed this embedding."""
+        if self.weights != backend.weights_identity():
+            raise ValueError(f"{argument}: this embedding was computed with other weights or precision than this "
+                             "session's; compute it again with this session's embed()")
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write to ``path`` (.npz; atomically)."""
         from .io import atomic_write

@@ -39,9 +39,7 @@ class Annotation:
 
     def __init__(self, session: Any, embedded: ImageEmbedding) -> None:
         backend = session.backend
-        if embedded.weights != backend.weights_identity():
-            raise ValueError("embedded: computed with other weights or precision than this session's; "
-                             "compute it again with this session's embed()")
+        embedded.check_made_by(backend, "embedded")
         self.session = session
         self.embedded = embedded
         self._embedding = embedded.embedding.to(backend.device)

@@ -246,12 +246,10 @@ class CellSAM:
                                  bbox_threshold=bbox_threshold, normalize=normalize, postprocess=postprocess,
                                  remove_boundaries=remove_boundaries, chunk_size=chunk_size,
                                  channel_axis=channel_axis, return_details=return_details, progress=progress)
-        if shape is not None:
-            memory.check_host_memory(
-                shape[0] * shape[1] * memory.WHOLE_IMAGE_BYTES_PER_PIXEL,
-                f"segment() of a {shape[0]}x{shape[1]} image as one model input",
-                "free memory" if tile_size is not None else
-                "leave tile_size at its default to segment it in tiles (memory then bounded by a few tiles)")
+        _check_whole_image_memory(shape, "segment() of a {}x{} image as one model input",
+                                  "free memory" if tile_size is not None else
+                                  "leave tile_size at its default to segment it in tiles (memory then bounded by a "
+                                  "few tiles)")
         opts = self._options(bbox_threshold, chunk_size)
         backend = self.backend
         timer = _Timer(backend)
@@ -307,10 +305,7 @@ class CellSAM:
                     log.info("embedding %s was saved without CellFinder's outputs; computing again", path)
                 else:
                     return saved
-        shape = _spatial_shape(image, channel_axis)
-        if shape is not None:
-            memory.check_host_memory(shape[0] * shape[1] * memory.WHOLE_IMAGE_BYTES_PER_PIXEL,
-                                     f"embed() of a {shape[0]}x{shape[1]} image", "free memory")
+        _check_whole_image_memory(_spatial_shape(image, channel_axis), "embed() of a {}x{} image", "free memory")
         # empty user boxes: _prepare skips CellFinder's input
         item = self._prepare(image, None if cellfinder else np.zeros((0, 4), np.float32), normalize, channel_axis)
         backend = self.backend
@@ -331,9 +326,7 @@ class CellSAM:
                           progress: bool) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
         """``segment`` on an embedding: boxes (CellFinder's, from the embedding, or the user's), decoder, clean-up."""
         backend = self.backend
-        if embedded.weights != backend.weights_identity():
-            raise ValueError("image: this embedding was computed with other weights or precision than this "
-                             "session's; compute it again with this session's embed()")
+        embedded.check_made_by(backend, "image")
         user_boxes = None if boxes is None else validate_boxes(boxes, embedded.height, embedded.width)
         if user_boxes is None and embedded.finder is None:
             raise ValueError("boxes: this embedding was made with embed(..., cellfinder=False); pass boxes= or "
@@ -585,6 +578,13 @@ def _spatial_shape(image: Any, channel_axis: int | None) -> tuple[int, int] | No
         return ImageSource(image, channel_axis).shape
     except (ValueError, TypeError):
         return None
+
+
+def _check_whole_image_memory(shape: tuple[int, int] | None, what: str, remedy: str) -> None:
+    """MemoryError, before any work, when an image as one model input cannot fit in host
+    memory (``memory.WHOLE_IMAGE_BYTES_PER_PIXEL``); ``what`` takes the height and width."""
+    if shape is not None:
+        memory.check_host_memory(shape[0] * shape[1] * memory.WHOLE_IMAGE_BYTES_PER_PIXEL, what.format(*shape), remedy)
 
 
 def _share(timers: list[_Timer], indices, stage: str, seconds: float) -> None:

@@ -262,14 +262,12 @@ class InProcessClient:
     in-memory run would not fit.
 
     Args:
-        session: the ``CellSAM`` that segments the tiles.
-        identity: names the weights and settings of ``session`` for ``resume`` (a run into an
-            output is resumed only under the same identity); default: this session object,
-            so a run is resumable only from the same process.
+        session: the ``CellSAM`` that segments the tiles. Its name in the run's key is this
+            session object's, so ``resume`` finishes a run only from the same process.
     """
 
-    def __init__(self, session: Any, identity: str | None = None) -> None:
-        self.plugin_name = PLUGIN_PREFIX + "local-" + (identity or f"{id(session):x}")
+    def __init__(self, session: Any) -> None:
+        self.plugin_name = PLUGIN_PREFIX + f"local-{id(session):x}"
         _IN_PROCESS_SESSIONS[self.plugin_name] = session
 
     def close(self) -> None:

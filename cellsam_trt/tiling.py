@@ -1017,7 +1017,7 @@ def segment_large(
     grid = TileGrid.plan(source.height, source.width, tile_size, overlap)
     estimate = memory.tiled_host_bytes(source.height, source.width, grid, batch_size, normalized=method is not None)
     if stream is None:
-        stream = output is not None or estimate["in_memory"] > memory.STREAM_ABOVE_BYTES
+        stream = streams_by_default(source.height, source.width, tile_size, overlap, batch_size, normalize)
     if output is not None or stream:
         if output is None:
             memory.check_host_memory(estimate["streamed"], f"segment_large of a {source.height}x{source.width} image",
@@ -1068,6 +1068,18 @@ def segment_large(
     return (labels, details) if return_details else labels
 
 
+def streams_by_default(height: int, width: int, tile_size: int, overlap: int, batch_size: int,
+                       normalize: bool | str = True) -> bool:
+    """Whether ``segment_large`` (without ``output`` or ``stream``) goes through scratch zarr
+    stores: the image is larger than one tile and its in-memory run would need more than
+    ``memory.STREAM_ABOVE_BYTES`` (``memory.tiled_host_bytes``)."""
+    if max(height, width) <= tile_size:
+        return False
+    grid = TileGrid.plan(height, width, tile_size, overlap)
+    normalized = pre.clahe_method(normalize) is not None
+    return memory.tiled_host_bytes(height, width, grid, batch_size, normalized)["in_memory"] > memory.STREAM_ABOVE_BYTES
+
+
 def _segment_streamed(session: Any, image: Any, output: Any, *, return_details: bool, **settings: Any) -> Any:
     """``segment_large`` through ``scale.segment_dask``'s phases, in this process.
 
@@ -1083,15 +1095,19 @@ def _segment_streamed(session: Any, image: Any, output: Any, *, return_details: 
         raise ImportError(f"segmenting this image with bounded memory writes scratch zarr stores and needs zarr 3 "
                           f"({err}): pip install 'zarr>=3' (Python >= 3.11), or pass stream=False if it fits "
                           "in memory") from None
+    from .pipeline import NoCellsWarning
     from .scale import InProcessClient, segment_dask
 
     with InProcessClient(session) as client:
         if output is not None:
-            return segment_dask(image, client, output=output, return_details=return_details, **settings)
-        with tempfile.TemporaryDirectory(prefix="cellsam-trt-tiles-") as scratch:
-            labels, details = segment_dask(image, client, output=os.path.join(scratch, "run.zarr"),
-                                           return_details=True, **settings)
-            labels = np.asarray(labels[...])
+            labels, details = segment_dask(image, client, output=output, return_details=True, **settings)
+        else:
+            with tempfile.TemporaryDirectory(prefix="cellsam-trt-tiles-") as scratch:
+                labels, details = segment_dask(image, client, output=os.path.join(scratch, "run.zarr"),
+                                               return_details=True, **settings)
+                labels = np.asarray(labels[...])
+    if details.num_cells == 0:  # as the in-memory run warns
+        warnings.warn("No cells detected in the image; returning all-zero labels.", NoCellsWarning, stacklevel=3)
     return (labels, details) if return_details else labels
 
 
