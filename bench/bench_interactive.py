@@ -12,7 +12,8 @@ Labels of ``prompt`` are compared with ``full`` (they must be equal)::
 
     python bench/bench_interactive.py --checkpoint STEERED_VIT_B.pt --boxes 5 --on-screen 0,10,100
 
-Without ``--checkpoint``: random tiny weights steered on the image (ratios only). The image is
+Without ``--checkpoint``: random weights of ``--config`` (tiny by default, or cellsam-vit-b)
+steered on the image (ratios only). The image is
 a 512 x 512 crop of the released code's tissue sample when ``--released`` names a checkout,
 else a synthetic one. The JSON report goes to ``bench/results/<device>/interactive-<date>.json``
 with a markdown table beside it.
@@ -30,12 +31,18 @@ from pathlib import Path
 import numpy as np
 
 
-def timed(call, repeats: int) -> tuple[float, object]:
-    """Median seconds of ``repeats`` calls, and the last result."""
+def timed(call, repeats: int, synchronize=lambda: None) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls, and the last result.
+
+    ``synchronize`` waits for queued device work, so that a call returning a GPU tensor
+    (the embedding) is timed to its end rather than to its launch.
+    """
     seconds, out = [], None
     for _ in range(repeats):
+        synchronize()
         t0 = time.perf_counter()
         out = call()
+        synchronize()
         seconds.append(time.perf_counter() - t0)
     return statistics.median(seconds), out
 
@@ -43,6 +50,7 @@ def timed(call, repeats: int) -> tuple[float, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="weights in the released format (default: steered random tiny weights)")
+    parser.add_argument("--config", default="tiny", help="random weights without --checkpoint: tiny or cellsam-vit-b")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--device", default=None)
     parser.add_argument("--released", help="vanvalenlab/cellSAM checkout: its tissue sample image is used")
@@ -70,17 +78,18 @@ def main() -> int:
         from cellsam_trt.config import ModelConfig
         from cellsam_trt.testing import steer_random_network
 
-        session = cellsam_trt.CellSAM.from_network(steer_random_network(random_network(ModelConfig.tiny(), seed=0),
-                                                                        image), device=args.device)
+        network = steer_random_network(random_network(ModelConfig.named(args.config), seed=0), image)
+        session = cellsam_trt.CellSAM.from_network(network, device=args.device)  # torch
     h, w = image.shape[:2]
     counts = [int(n) for n in args.on_screen.split(",") if n]
     boxes = bench_boxes(args.boxes + max(counts) + 1, h, w, seed=1)
     prompt_boxes = boxes[:args.boxes]
     session.segment(image, boxes=prompt_boxes)  # warm-up: sessions, arenas, caches
 
-    full_seconds, full = timed(lambda: session.segment(image, boxes=prompt_boxes), args.repeats)
-    embed_seconds, embedding = timed(lambda: session.embed(image, cellfinder=False), args.repeats)
-    prompt_seconds, prompted = timed(lambda: session.segment(embedding, boxes=prompt_boxes), args.repeats)
+    sync = session.backend.synchronize
+    full_seconds, full = timed(lambda: session.segment(image, boxes=prompt_boxes), args.repeats, sync)
+    embed_seconds, embedding = timed(lambda: session.embed(image, cellfinder=False), args.repeats, sync)
+    prompt_seconds, prompted = timed(lambda: session.segment(embedding, boxes=prompt_boxes), args.repeats, sync)
     rows = []
     for count in counts:
         annotation = cellsam_trt.Annotation(session, embedding)

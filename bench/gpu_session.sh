@@ -17,7 +17,7 @@
 # Everything lands in $OUT: machine.txt, summary.txt (one line per step and per failed
 # row), tests.log, torch.log with torch-switches.json|md, profile-fp32|fp16.md with their
 # traces (.json), decoder.jsonl, decoder.log,
-# bench.log and the bench report (results/<device>/<date>.json|md|png, two folders down).
+# interactive.json|md, stack.json, bench.log and the bench report (results/<device>/<date>.json|md|png, two folders down).
 #
 # Exit status: 0 when every step ran to its end, rows that ran out of memory or whose
 # backend is missing (TensorRT, onnxruntime-gpu) included: they are listed in summary.txt
@@ -67,6 +67,7 @@ if [ -n "$SMOKE" ]; then
     PROFILE_ARGS="--config tiny --n 16 --device cpu --calls 2"
     BENCH_ARGS="--smoke"
     STACK_ARGS="--frames 2 --side 128 --rounds 1 --batch-size 2"
+    INTERACTIVE_ARGS="--device cpu --on-screen 0,10 --repeats 2"
     # one row of each kind runs out of memory, as SAM's decoder call at N = 3500 does on an
     # 80 GB GPU: the steps must report it and go on
     export CELLSAM_TRT_BENCH_SIMULATE_OOM=${CELLSAM_TRT_BENCH_SIMULATE_OOM-decoder/sam_repeat/16,torch-fp32/user/10}
@@ -90,6 +91,10 @@ else
                 --cap baseline=1000 --repeats 3 --baseline-repeats 2"
     # a 16-frame stack against 16 single calls, ViT-B steered to detect the synthetic cells
     STACK_ARGS="--device cuda --config cellsam-vit-b --backend torch --frames 16 --side 512 --batch-size 8"
+    # embed once, prompt many times: ViT-B steered on the released tissue crop (or a synthetic
+    # image without .released/), 5 boxes per prompt, adds with up to 1000 cells on screen
+    INTERACTIVE_ARGS="--device cuda --config cellsam-vit-b --on-screen 0,10,100,1000 --repeats 5
+                      $( [ -d "${RELEASED:-.released}/sample_imgs" ] && echo --released "${RELEASED:-.released}" )"
 fi
 
 status=0
@@ -165,10 +170,14 @@ for row in report["skipped"]:
         print(f"  bench row {row['what']}{where}: {row['reason'][:300]}")
 EOF
             ;;
+        interactive)  # embed once, prompt many times: full call vs prompt on the kept embedding (bench_interactive.py)
+            run_step interactive "${LIMIT_INTERACTIVE:-150}" "$OUT/interactive.log" $PY bench/bench_interactive.py \
+                $INTERACTIVE_ARGS --out "$OUT/interactive.json"
+            [ -f "$OUT/interactive.md" ] && sed -n '/^| call/,$p' "$OUT/interactive.md" >> "$OUT/summary.txt" ;;
         stack)  # frames per second: segment_stack against a loop of segment (bench_stack.py)
             run_step stack "${LIMIT_STACK:-150}" "$OUT/stack.log" $PY bench/bench_stack.py $STACK_ARGS --out "$OUT/stack.json" ;;
         *)
-            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | profile | suite | decoder | bench | stack)" >&2; exit 2 ;;
+            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | profile | suite | decoder | bench | interactive | stack)" >&2; exit 2 ;;
     esac
 done
 echo "--- summary ($OUT/summary.txt)"
