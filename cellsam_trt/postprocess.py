@@ -127,16 +127,20 @@ class MaskPainter:
         self.low_res_cut = math.log(p / (1 - p)) - 1e-3
         self.labels = torch.zeros(self.height * self.width, dtype=torch.int32, device=self.device)
 
-    def paint(self, logits: Tensor, first_label: int) -> None:
+    def paint(self, logits: Tensor, first_label: int) -> np.ndarray:
         """Paint masks numbered first_label, first_label+1, ... .
 
         Args:
             logits: (n, low_res, low_res) mask logits (any float dtype, any device).
             first_label: label of logits[0]; must exceed every label painted before.
+
+        Returns:
+            (n, 4) int64 windows (y0, y1, x0, x1), end exclusive: each mask painted nothing
+            outside its window; (0, 0, 0, 0) for a mask that cannot paint a pixel.
         """
         n = logits.shape[0]
         if n == 0:
-            return
+            return np.zeros((0, 4), np.int64)
         logits = logits.to(device=self.device, dtype=self.dtype)
         passing = logits > self.low_res_cut
         any_row = passing.any(dim=2)  # (n, L)
@@ -156,6 +160,11 @@ class MaskPainter:
         windows = (y0, x0, k0, j0)
         for group in _groups(order, sizes_host, self.budget):
             self._paint_group(logits, labels, windows, sizes_host, group)
+        origin = torch.stack([y0, x0], dim=1).cpu().numpy()
+        painted = np.zeros((n, 4), np.int64)
+        painted[order] = np.stack([origin[order, 0], origin[order, 0] + sizes_host[order, 0],
+                                   origin[order, 1], origin[order, 1] + sizes_host[order, 1]], axis=1)
+        return painted
 
     def _paint_group(self, logits, labels, windows, sizes_host, group: np.ndarray) -> None:
         idx = torch.from_numpy(group).to(self.device)
@@ -235,11 +244,24 @@ def fill_holes_and_remove_small(labels: np.ndarray, min_size: int = 25) -> np.nd
     """Per label in increasing order: drop it if under ``min_size`` px, else fill its holes
     and renumber it to the next free id (1, 2, ...). In place on ``labels``, returned.
 
-    Filling a label's holes overwrites whatever lay inside them, as in the released code.
+    Filling a label's holes overwrites whatever lay inside them, as in the released code; a
+    label kept (and numbered) when its turn came may lose every pixel to a later label's
+    fill, so the ids can have gaps.
+    """
+    fill_holes_and_remove_small_kept(labels, min_size, renumber=True)
+    return labels
+
+
+def fill_holes_and_remove_small_kept(labels: np.ndarray, min_size: int = 25, renumber: bool = True) -> list[int]:
+    """``fill_holes_and_remove_small`` in place; returns the original values of the labels kept.
+
+    With ``renumber=False`` a kept label keeps its value: the result then differs from the
+    renumbered one only by the increasing map of the returned values onto 1..K (a fill writes
+    a value below every label still to come either way, so the same pixels are compared).
     """
     if labels.ndim != 2:
         raise ValueError(f"labels: expected 2 dimensions, got shape {labels.shape}")
-    next_id = 0
+    kept: list[int] = []
     for index, window in enumerate(find_objects(labels)):
         if window is None:
             continue
@@ -248,9 +270,9 @@ def fill_holes_and_remove_small(labels: np.ndarray, min_size: int = 25) -> np.nd
         if min_size > 0 and size < min_size:
             labels[window][region] = 0
         elif size > 0:
-            labels[window][binary_fill_holes(region)] = next_id + 1
-            next_id += 1
-    return labels
+            labels[window][binary_fill_holes(region)] = len(kept) + 1 if renumber else index + 1
+            kept.append(index + 1)
+    return kept
 
 
 def remove_boundaries(labels: np.ndarray) -> np.ndarray:
