@@ -11,10 +11,12 @@ reach, so ``labels`` always equals ``session.segment(embedding, boxes=annotation
     annotation = Annotation(session, session.embed(image, cellfinder=False))
     cell = annotation.add([10, 12, 40, 45])      # one decoder call; 0 when the IoU filter drops it
     annotation.remove(cell)                      # no decoder call
+    annotation.undo()                            # the cell is back, no decoder call
     labels = annotation.labels                   # (H, W) int32
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,33 @@ from torch import Tensor
 from . import postprocess as post
 from .embedding import ImageEmbedding
 
+_NOTHING = (slice(0, 0), slice(0, 0))
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """What an annotation keeps of one decoded box (enough to paint it again without the decoder)."""
+
+    box: np.ndarray  # (4,) float32 x1, y1, x2, y2, image pixels
+    mask: Tensor  # (L, L) mask logits on the backend's device
+    iou: float  # predicted mask IoU
+    score: float  # CellFinder's score; NaN for a drawn box
+    window: np.ndarray  # (4,) int64 y0, y1, x0, x1 the mask may paint (end exclusive)
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    """Per label of ``Annotation.labels``, row k - 1 for label k (the fields ``batch.cell_rows``
+    reads; a label id no pixel carries keeps its row, as ids can have gaps).
+
+    boxes: (K, 4) float32 prompt boxes, image pixels. iou: (K,) float32 predicted IoU.
+    scores: (K,) float32 CellFinder scores, NaN for drawn boxes.
+    """
+
+    boxes: np.ndarray
+    iou: np.ndarray
+    scores: np.ndarray
+
 
 class Annotation:
     """The cells of one image, edited box by box.
@@ -31,6 +60,9 @@ class Annotation:
     Args:
         session: the ``CellSAM`` that decodes (the embedding must be its own).
         embedded: the image's ``ImageEmbedding``.
+        boxes: optional (N, 4) boxes to start from (x1, y1, x2, y2, image pixels), decoded in
+            the batched calls ``segment`` makes (e.g. CellFinder's boxes from ``details.boxes``).
+        scores: optional (N,) CellFinder scores of ``boxes`` (kept for the per-cell table).
 
     Cells are numbered by the order their boxes were added (``add`` returns the number,
     which stays the cell's until it is removed); ``labels`` renumbers them 1..K after the
@@ -42,35 +74,43 @@ class Annotation:
     inside it; a cell that loses pixels may drop under the minimum size), so after an edit
     the clean-up is redone on the smallest rectangle that holds the edited window and every
     cell window that overlaps it, transitively (``changed`` says which rectangle).
+
+    Each cell's (L, L) mask logits are kept (256 KiB in float32 at L = 256), so that removing,
+    undoing and redoing cost no decoder call.
     """
 
-    def __init__(self, session: Any, embedded: ImageEmbedding) -> None:
+    def __init__(self, session: Any, embedded: ImageEmbedding, boxes: Any = None, scores: Any = None) -> None:
         backend = session.backend
         embedded.check_made_by(backend, "embedded")
         self.session = session
         self.embedded = embedded
         self._embedding = embedded.embedding.to(backend.device)
-        self._masks: dict[int, Tensor] = {}  # cell number -> (L, L) mask logits, in adding order
-        self._boxes: dict[int, np.ndarray] = {}
-        self._windows: dict[int, np.ndarray] = {}  # cell number -> (y0, y1, x0, x1) it may paint
+        self._cells: dict[int, _Cell] = {}  # cell number -> what it needs, in number (= adding) order
         self._next = 1
         self.decoder_calls = 0
-        self._painter = self._new_painter()
+        self._painter = post.MaskPainter(
+            (embedded.height, embedded.width), low_res=backend.config.sam.low_res_size,
+            model_size=backend.config.image_size, mask_threshold=session.options.mask_threshold, device=backend.device)
         # the clean-up of the painted labels, in cell numbers (0 background), and the cells it
         # numbers (as the released clean-up does, ids can have gaps where a fill covered a cell)
         self._cleaned = np.zeros((embedded.height, embedded.width), np.int32)
         self._kept: set[int] = set()
-        self.changed: tuple[slice, slice] = (slice(0, 0), slice(0, 0))
+        self._done: list[list[tuple[str, int, _Cell]]] = []  # edits, each a list of steps, for undo
+        self._undone: list[list[tuple[str, int, _Cell]]] = []
+        self.changed: tuple[slice, slice] = _NOTHING
+        if boxes is not None:
+            self.add_many(boxes, scores)
+            self._done.clear()  # the starting point, not an edit
 
     @property
     def boxes(self) -> np.ndarray:
         """(K, 4) float32 boxes of the cells kept, in adding order (x1, y1, x2, y2, image pixels)."""
-        return np.array(list(self._boxes.values()), np.float32).reshape(-1, 4)
+        return np.array([c.box for c in self._cells.values()], np.float32).reshape(-1, 4)
 
     @property
     def cells(self) -> list[int]:
         """Numbers of the cells kept, in adding order."""
-        return list(self._boxes)
+        return list(self._cells)
 
     def add(self, box: Any) -> int:
         """Decode one box (x1, y1, x2, y2 in image pixels) and paint its mask on top.
@@ -79,53 +119,92 @@ class Annotation:
             the cell's number, or 0 when its predicted IoU is below the session's threshold
             (as ``segment`` drops such masks).
         """
+        return self.add_many(np.asarray(box, np.float64).reshape(1, 4))[0]
+
+    def add_many(self, boxes: Any, scores: Any = None) -> list[int]:
+        """Decode (N, 4) boxes in batched calls and paint their masks on top, in order.
+
+        Returns:
+            each box's cell number, 0 where the IoU filter dropped its mask. One edit for ``undo``.
+        """
+        from .memory import fit_chunk_size
         from .pipeline import validate_boxes
 
-        box = validate_boxes(np.asarray(box, np.float64).reshape(1, 4), self.embedded.height, self.embedded.width)
+        height, width = self.embedded.height, self.embedded.width
+        boxes = validate_boxes(boxes, height, width)
+        scores = np.full(len(boxes), np.nan, np.float32) if scores is None else np.asarray(scores, np.float32)
+        if scores.shape != (len(boxes),):
+            raise ValueError(f"scores: expected shape ({len(boxes)},) to match boxes, got {scores.shape}")
         backend = self.session.backend
         size = backend.config.image_size
-        scale = np.array([size / self.embedded.width, size / self.embedded.height] * 2, np.float32)
-        with self.session._device_lock:
-            logits, iou = backend.decoder(self._embedding, torch.from_numpy(box * scale).to(backend.device),
-                                          last_call=True)
-        self.decoder_calls += 1
-        if float(iou[0, 0]) < self.session.options.iou_threshold:
-            self.changed = (slice(0, 0), slice(0, 0))
-            return 0
-        cell = self._next
-        self._next += 1
-        self._masks[cell] = logits[0, 0]
-        self._boxes[cell] = box[0]
-        self._windows[cell] = self._painter.paint(logits[:, 0], cell)[0]
-        self._clean_up(self._windows[cell])
-        return cell
+        scale = np.array([size / width, size / height] * 2, np.float32)
+        chunk = fit_chunk_size(backend.config, backend.device, height, width, self.session.options.chunk_size)
+        numbers, steps, changed = [], [], []
+        for start in range(0, len(boxes), chunk):
+            part = boxes[start:start + chunk]
+            with self.session._device_lock:
+                logits, iou = backend.decoder(self._embedding, torch.from_numpy(part * scale).to(backend.device),
+                                              last_call=start + chunk >= len(boxes))
+            self.decoder_calls += 1
+            iou = iou[:, 0].float().cpu().numpy()
+            keep = np.flatnonzero(iou >= self.session.options.iou_threshold)
+            # kept masks take consecutive numbers, as in one call, and are painted together
+            windows = self._painter.paint(logits[torch.from_numpy(keep).to(logits.device), 0], self._next)
+            number = dict(zip(keep.tolist(), range(self._next, self._next + len(keep))))
+            for k in range(len(part)):
+                if k not in number:
+                    numbers.append(0)
+                    continue
+                cell = _Cell(part[k], logits[k, 0].clone(), float(iou[k]), float(scores[start + k]), windows[number[k] - self._next])
+                self._cells[number[k]] = cell
+                steps.append(("add", number[k], cell))
+                numbers.append(number[k])
+                changed.append(cell.window)
+            self._next += len(keep)
+        self._record(steps)
+        self._clean_up(_union(changed))
+        return numbers
 
     def remove(self, cell: int) -> None:
         """Delete a cell; the masks it covered show again (no decoder call)."""
-        if cell not in self._boxes:
+        if cell not in self._cells:
             raise KeyError(f"cell: {cell} is not one of this annotation's cells {self.cells}")
-        window = self._windows.pop(cell)
-        del self._boxes[cell], self._masks[cell]
-        self._kept.discard(cell)
-        y0, y1, x0, x1 = window.tolist()
-        self._painter.result()[y0:y1, x0:x1] = 0
-        # the masks that may paint inside the cleared window, painted again (the painter keeps
-        # the highest number per pixel, so painting a mask twice changes nothing elsewhere)
-        for number in self._overlapping(window):
-            self._painter.paint(self._masks[number][None], number)
-        self._clean_up(window)
+        self._record([("remove", cell, self._detach(cell))])
 
     def move(self, cell: int, box: Any) -> int:
-        """Replace a cell's box (it becomes the newest cell); returns its new number."""
-        self.remove(cell)
-        return self.add(box)
+        """Replace a cell's box (it becomes the newest cell); returns its new number (0 when
+        the IoU filter drops the new mask). One decoder call; one edit for ``undo``."""
+        if cell not in self._cells:
+            raise KeyError(f"cell: {cell} is not one of this annotation's cells {self.cells}")
+        steps = [("remove", cell, self._detach(cell))]
+        number = self.add(box)
+        if number:
+            steps += self._done.pop()  # the add, recorded by add(): one edit with the removal
+        self._record(steps)
+        return number
+
+    def undo(self) -> bool:
+        """Revert the last edit exactly (no decoder call); False when there is none."""
+        if not self._done:
+            return False
+        edit = self._done.pop()
+        self._apply([("remove" if kind == "add" else "add", cell, data) for kind, cell, data in reversed(edit)])
+        self._undone.append(edit)
+        return True
+
+    def redo(self) -> bool:
+        """Apply the last undone edit again (no decoder call); False when there is none."""
+        if not self._undone:
+            return False
+        edit = self._undone.pop()
+        self._apply(edit)
+        self._done.append(edit)
+        return True
 
     @property
     def labels(self) -> np.ndarray:
         """(H, W) int32: the painted masks after the clean-up, cells renumbered 1..K in adding order."""
-        lut = np.zeros(self._next, np.int32)
-        lut[sorted(self._kept)] = np.arange(1, len(self._kept) + 1, dtype=np.int32)
-        return lut[self._cleaned]
+        return self._renumbering()[self._cleaned]
 
     @property
     def cell_labels(self) -> np.ndarray:
@@ -134,28 +213,67 @@ class Annotation:
         view.flags.writeable = False
         return view
 
+    def table(self) -> LabelTable:
+        """Box, predicted IoU and CellFinder score of every label id of ``labels``."""
+        numbers = sorted(self._kept)
+        cells = [self._cells[n] for n in numbers]
+        return LabelTable(boxes=np.array([c.box for c in cells], np.float32).reshape(-1, 4),
+                          iou=np.array([c.iou for c in cells], np.float32),
+                          scores=np.array([c.score for c in cells], np.float32))
+
+    def _renumbering(self) -> np.ndarray:
+        lut = np.zeros(self._next, np.int32)
+        lut[sorted(self._kept)] = np.arange(1, len(self._kept) + 1, dtype=np.int32)
+        return lut
+
+    def _record(self, steps: list[tuple[str, int, _Cell]]) -> None:
+        if steps:
+            self._done.append(steps)
+            self._undone.clear()
+
+    def _apply(self, steps: list[tuple[str, int, _Cell]]) -> None:
+        windows = []
+        for kind, cell, data in steps:
+            if kind == "add":
+                self._cells[cell] = data
+                self._cells = dict(sorted(self._cells.items()))  # numbers are the painting order
+                self._painter.paint(data.mask[None], cell)
+            else:
+                self._detach(cell, clean=False)
+            windows.append(data.window)
+        self._clean_up(_union(windows))
+
+    def _detach(self, cell: int, clean: bool = True) -> _Cell:
+        data = self._cells.pop(cell)
+        self._kept.discard(cell)
+        y0, y1, x0, x1 = data.window.tolist()
+        self._painter.result()[y0:y1, x0:x1] = 0
+        # the masks that may paint inside the cleared window, painted again (the painter keeps
+        # the highest number per pixel, so painting a mask twice changes nothing elsewhere)
+        for number in self._overlapping(data.window):
+            self._painter.paint(self._cells[number].mask[None], number)
+        if clean:
+            self._clean_up(data.window)
+        return data
+
     def _overlapping(self, window: np.ndarray) -> list[int]:
         """Cells (adding order) whose windows overlap ``window`` (y0, y1, x0, x1)."""
-        if not self._windows:
+        if not self._cells:
             return []
-        cells = np.fromiter(self._windows, np.int64, len(self._windows))
-        w = np.stack(list(self._windows.values()))
+        cells = np.fromiter(self._cells, np.int64, len(self._cells))
+        w = np.stack([c.window for c in self._cells.values()])
         hit = (w[:, 0] < window[1]) & (window[0] < w[:, 1]) & (w[:, 2] < window[3]) & (window[2] < w[:, 3])
         return cells[hit].tolist()
 
-    def _clean_up(self, window: np.ndarray) -> None:
+    def _clean_up(self, window: np.ndarray | None) -> None:
         """Redo the clean-up on the rectangle the edit of ``window`` can reach."""
-        region = np.asarray(window, np.int64).copy()
-        if region[1] <= region[0] or region[3] <= region[2]:
-            self.changed = (slice(0, 0), slice(0, 0))
+        if window is None or window[1] <= window[0] or window[3] <= window[2]:
+            self.changed = _NOTHING
             return
+        region = np.asarray(window, np.int64)
         while True:  # grow to hold every cell window it overlaps, until nothing changes
             reached = self._overlapping(region)
-            grown = region.copy()
-            if reached:
-                w = np.stack([self._windows[c] for c in reached])
-                grown = np.array([min(region[0], w[:, 0].min()), max(region[1], w[:, 1].max()),
-                                  min(region[2], w[:, 2].min()), max(region[3], w[:, 3].max())])
+            grown = _union([region] + [self._cells[c].window for c in reached])
             if np.array_equal(grown, region):
                 break
             region = grown
@@ -169,8 +287,11 @@ class Annotation:
         self._kept.update(kept)
         self.changed = (rows, cols)
 
-    def _new_painter(self) -> post.MaskPainter:
-        backend = self.session.backend
-        return post.MaskPainter((self.embedded.height, self.embedded.width), low_res=backend.config.sam.low_res_size,
-                                model_size=backend.config.image_size,
-                                mask_threshold=self.session.options.mask_threshold, device=backend.device)
+
+def _union(windows: list[np.ndarray]) -> np.ndarray | None:
+    """Smallest (y0, y1, x0, x1) holding every non-empty window; None when there is none."""
+    w = [np.asarray(v, np.int64) for v in windows if v[1] > v[0] and v[3] > v[2]]
+    if not w:
+        return None
+    w = np.stack(w)
+    return np.array([w[:, 0].min(), w[:, 1].max(), w[:, 2].min(), w[:, 3].max()])

@@ -196,3 +196,46 @@ def test_an_annotation_agrees_with_one_call_of_the_real_decoder(session, cell_im
     assert expected.max() >= 3
     assert annotation.labels.max() == expected.max()
     assert (annotation.labels != expected).mean() < 1e-4
+
+
+def test_undo_and_redo_restore_the_labels_exactly_without_the_decoder(steered_tiny, cell_image):
+    session = ring_decoder_session(steered_tiny)
+    embedded = session.embed(cell_image, cellfinder=False)
+    h, w = cell_image.shape[:2]
+    rng = np.random.default_rng(3)
+    corner = rng.uniform(0, [w - 40, h - 40], size=(30, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(12, 40, size=(30, 2))], 1).astype(np.float32)
+    # a starting set decoded in the batched calls of one segment call, as from CellFinder
+    start = Annotation(session, embedded, boxes=boxes[:20], scores=np.linspace(0.5, 0.9, 20))
+    from cellsam_trt.memory import fit_chunk_size
+
+    chunk = fit_chunk_size(session.backend.config, session.backend.device, h, w, session.options.chunk_size)
+    assert session.backend.calls["decoder"] == -(-20 // chunk) and not start.undo()
+    np.testing.assert_array_equal(start.labels, session.segment(embedded, boxes=start.boxes))
+    table = start.table()
+    assert len(table.iou) == len(table.scores) == len(table.boxes) >= start.labels.max()
+    assert np.all(np.isfinite(table.scores))
+
+    states = [start.labels.copy()]
+    start.add(boxes[20])
+    states.append(start.labels.copy())
+    start.remove(start.cells[3])
+    states.append(start.labels.copy())
+    start.move(start.cells[5], boxes[21])
+    states.append(start.labels.copy())
+    start.add_many(boxes[22:26])
+    states.append(start.labels.copy())
+    calls = session.backend.calls["decoder"]
+    for expected in reversed(states[:-1]):  # undo every edit, one at a time
+        assert start.undo()
+        np.testing.assert_array_equal(start.labels, expected)
+    assert not start.undo()
+    for expected in states[1:]:
+        assert start.redo()
+        np.testing.assert_array_equal(start.labels, expected)
+    assert not start.redo()
+    assert session.backend.calls["decoder"] == calls  # undo and redo decoded nothing
+    np.testing.assert_array_equal(start.labels, session.segment(embedded, boxes=start.boxes))
+    start.undo()
+    start.add(boxes[27])  # a new edit after an undo drops what could be redone
+    assert not start.redo()
