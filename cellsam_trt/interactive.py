@@ -127,7 +127,6 @@ class Annotation:
         Returns:
             each box's cell number, 0 where the IoU filter dropped its mask. One edit for ``undo``.
         """
-        from .memory import fit_chunk_size
         from .pipeline import validate_boxes
 
         height, width = self.embedded.height, self.embedded.width
@@ -135,15 +134,44 @@ class Annotation:
         scores = np.full(len(boxes), np.nan, np.float32) if scores is None else np.asarray(scores, np.float32)
         if scores.shape != (len(boxes),):
             raise ValueError(f"scores: expected shape ({len(boxes)},) to match boxes, got {scores.shape}")
-        backend = self.session.backend
-        size = backend.config.image_size
+        size = self.session.backend.config.image_size
         scale = np.array([size / width, size / height] * 2, np.float32)
+        return self._decode(boxes, torch.from_numpy(boxes * scale), scores)
+
+    @classmethod
+    def from_cellfinder(cls, session: Any, embedded: ImageEmbedding, bbox_threshold: float | None = None) -> Annotation:
+        """Start from CellFinder's boxes, selected and decoded as ``session.segment(embedded)``
+        does (same model-space boxes, same batched calls): the same labels, ready to edit.
+
+        ``bbox_threshold``: CellFinder confidence weight (default: the session's).
+        """
+        if embedded.finder is None:
+            raise ValueError("embedded: has no CellFinder outputs (made with cellfinder=False); "
+                             "embed the image again with cellfinder=True")
+        annotation = cls(session, embedded)
+        size = session.backend.config.image_size
+        threshold = session.options.bbox_threshold if bbox_threshold is None else bbox_threshold
+        logits, boxes = (t.to(session.backend.device) for t in embedded.finder)
+        scores, boxes_model = post.score_boxes(logits, boxes, size)
+        scores, boxes_model = post.select_boxes(scores, boxes_model, threshold)
+        scale_back = np.array([embedded.width / size, embedded.height / size] * 2, np.float32)
+        annotation._decode(boxes_model.cpu().numpy() * scale_back, boxes_model, scores.float().cpu().numpy())
+        annotation._done.clear()  # the starting point, not an edit
+        return annotation
+
+    def _decode(self, boxes: np.ndarray, boxes_model: Tensor, scores: np.ndarray) -> list[int]:
+        """Decode (N, 4) model-space boxes in segment's chunks, paint the kept masks in order."""
+        from .memory import fit_chunk_size
+
+        height, width = self.embedded.height, self.embedded.width
+        backend = self.session.backend
+        boxes_model = boxes_model.to(backend.device)
         chunk = fit_chunk_size(backend.config, backend.device, height, width, self.session.options.chunk_size)
         numbers, steps, changed = [], [], []
         for start in range(0, len(boxes), chunk):
             part = boxes[start:start + chunk]
             with self.session._device_lock:
-                logits, iou = backend.decoder(self._embedding, torch.from_numpy(part * scale).to(backend.device),
+                logits, iou = backend.decoder(self._embedding, boxes_model[start:start + chunk],
                                               last_call=start + chunk >= len(boxes))
             self.decoder_calls += 1
             iou = iou[:, 0].float().cpu().numpy()

@@ -239,3 +239,24 @@ def test_undo_and_redo_restore_the_labels_exactly_without_the_decoder(steered_ti
     start.undo()
     start.add(boxes[27])  # a new edit after an undo drops what could be redone
     assert not start.redo()
+
+
+def test_an_annotation_from_cellfinder_has_the_labels_of_the_automatic_call(session, embedded):
+    annotation = Annotation.from_cellfinder(session, embedded)
+    labels, details = session.segment(embedded, return_details=True)
+    assert labels.max() >= 3
+    np.testing.assert_array_equal(annotation.labels, labels)
+    np.testing.assert_allclose(annotation.boxes, details.boxes)
+    table = annotation.table()  # row L - 1 describes label L
+    final = details.labels_of_boxes
+    assert (final > 0).sum() >= 3
+    np.testing.assert_array_equal(table.scores[final[final > 0] - 1], details.scores[final > 0])
+    np.testing.assert_array_equal(table.boxes[final[final > 0] - 1], details.boxes[final > 0])
+    assert not annotation.undo()  # the starting point is not an edit
+    with pytest.raises(ValueError, match="cellfinder=True"):
+        Annotation.from_cellfinder(session, session.embed(np.asarray(embedded_image_stub(embedded)), cellfinder=False))
+
+
+def embedded_image_stub(embedded):
+    """A small image of the embedded one's size (content does not matter for the refusal)."""
+    return np.zeros((embedded.height, embedded.width), np.uint8)
