@@ -1,4 +1,4 @@
-"""``cellsam-trt`` command line: demo | segment | export | build-engines | bench | cache | download.
+"""``cellsam-trt`` command line: demo | segment | export | build-engines | bench | cache | napari | download.
 
 Each sub-command lives in the module that does the work; that module exposes
 ``register(subparsers)`` which adds its parser and sets ``func``.
@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "cellsam_trt.engines",
     "cellsam_trt.bench",
     "cellsam_trt.cache",
+    "cellsam_trt.napari_plugin",
 )
 
 

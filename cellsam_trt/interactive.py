@@ -193,17 +193,31 @@ class Annotation:
         self._clean_up(_union(changed))
         return numbers
 
+    def box(self, cell: int) -> np.ndarray:
+        """(4,) float32 box of a cell (x1, y1, x2, y2, image pixels)."""
+        self._check_cells([cell])
+        return self._cells[cell].box
+
     def remove(self, cell: int) -> None:
         """Delete a cell; the masks it covered show again (no decoder call)."""
-        if cell not in self._cells:
-            raise KeyError(f"cell: {cell} is not one of this annotation's cells {self.cells}")
-        self._record([("remove", cell, self._detach(cell))])
+        self.remove_many([cell])
+
+    def remove_many(self, cells: list[int]) -> None:
+        """Delete several cells as one edit (no decoder call)."""
+        self._check_cells(cells)
+        steps = [("remove", cell, self._detach(cell, clean=False)) for cell in dict.fromkeys(cells)]
+        self._clean_up(_union([data.window for _, _, data in steps]))
+        self._record(steps)
+
+    def _check_cells(self, cells: list[int]) -> None:
+        missing = [c for c in cells if c not in self._cells]
+        if missing:
+            raise KeyError(f"cell: {missing[0]} is not one of this annotation's cells {self.cells}")
 
     def move(self, cell: int, box: Any) -> int:
         """Replace a cell's box (it becomes the newest cell); returns its new number (0 when
         the IoU filter drops the new mask). One decoder call; one edit for ``undo``."""
-        if cell not in self._cells:
-            raise KeyError(f"cell: {cell} is not one of this annotation's cells {self.cells}")
+        self._check_cells([cell])
         steps = [("remove", cell, self._detach(cell))]
         number = self.add(box)
         if number:
