@@ -61,8 +61,8 @@ def main() -> int:
     args = parser.parse_args()
 
     import cellsam_trt
-    from cellsam_trt.bench import bench_boxes, machine_info, save_report
-    from cellsam_trt.testing import synthetic_cells
+    from cellsam_trt.bench import machine_info, save_report
+    from cellsam_trt.synthetic import cell_boxes, synthetic_cells
 
     warnings.simplefilter("ignore", cellsam_trt.NoCellsWarning)
     if args.released:
@@ -82,7 +82,7 @@ def main() -> int:
         session = cellsam_trt.CellSAM.from_network(network, device=args.device)  # torch
     h, w = image.shape[:2]
     counts = [int(n) for n in args.on_screen.split(",") if n]
-    boxes = bench_boxes(args.boxes + max(counts) + 1, h, w, seed=1)
+    boxes = cell_boxes(args.boxes + max(counts) + 1, h, w, seed=1)
     prompt_boxes = boxes[:args.boxes]
     session.segment(image, boxes=prompt_boxes)  # warm-up: sessions, arenas, caches
 

@@ -126,7 +126,8 @@ def main() -> int:
     from cellsam_trt.bench import machine_info, save_report
     from cellsam_trt.checkpoint import random_network, write_checkpoint
     from cellsam_trt.config import ModelConfig
-    from cellsam_trt.testing import steer_random_network, synthetic_cells
+    from cellsam_trt.synthetic import synthetic_cells
+    from cellsam_trt.testing import steer_random_network
 
     work = Path(tempfile.mkdtemp(prefix="cellsam-bench-memory-"))
     network = steer_random_network(random_network(ModelConfig.tiny(), seed=0), synthetic_cells(300, 400, seed=1),

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from cellsam_trt.bench import device_name, machine_info
     from cellsam_trt.checkpoint import random_network, write_checkpoint
     from cellsam_trt.config import ModelConfig
-    from cellsam_trt.testing import steer_random_network, synthetic_cells
+    from cellsam_trt.synthetic import synthetic_cells
+    from cellsam_trt.testing import steer_random_network
 
     warnings.simplefilter("ignore")  # empty frames and the like: the comparison reports them
     device = torch.device(args.device)

@@ -41,7 +41,6 @@ import datetime
 import importlib.metadata
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -65,6 +64,7 @@ from .config import InferenceConfig, ModelConfig
 from .io import atomic_write
 from .pipeline import CellSAM, NoCellsWarning
 from .runtime.base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory
+from .synthetic import bench_image, cell_boxes, cell_logits
 
 log = logging.getLogger(__name__)
 
@@ -98,82 +98,6 @@ STAGE_TITLES = {
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def bench_image(size: int = 1024, n_cells: int = 800, seed: int = 0) -> np.ndarray:
-    """A fluorescence-like (size, size, 3) uint16 image: blank, nuclear and whole-cell channels.
-
-    Like ``testing.synthetic_cells`` but each cell is drawn only in its own window, so a
-    1024x1024 image with a thousand cells takes a fraction of a second.
-    """
-    if size < 16 or n_cells < 0:
-        raise ValueError(f"size/n_cells: expected size >= 16 and n_cells >= 0, got {size}, {n_cells}")
-    rng = np.random.default_rng(seed)
-    whole = np.zeros((size, size))
-    nuclear = np.zeros((size, size))
-    radius = max(4.0, size / 64)
-    for _ in range(n_cells):
-        cy, cx = rng.uniform(0, size, size=2)
-        ry, rx = radius * rng.uniform(0.7, 1.3, size=2)
-        angle = rng.uniform(0, np.pi)
-        reach = int(math.ceil(max(ry, rx))) + 1
-        y0, y1 = max(0, int(cy) - reach), min(size, int(cy) + reach + 1)
-        x0, x1 = max(0, int(cx) - reach), min(size, int(cx) + reach + 1)
-        dy, dx = np.mgrid[y0:y1, x0:x1] - np.array([cy, cx])[:, None, None]
-        u = (dx * np.cos(angle) + dy * np.sin(angle)) / rx
-        v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ry
-        r2 = u * u + v * v
-        whole[y0:y1, x0:x1] = np.maximum(whole[y0:y1, x0:x1], rng.uniform(0.5, 1.0) * (r2 < 1))
-        nuclear[y0:y1, x0:x1] = np.maximum(nuclear[y0:y1, x0:x1], rng.uniform(0.6, 1.0) * (r2 < 0.3))
-    noise = rng.normal(0, 0.03, size=(2, size, size))
-    planes = [np.clip(p + n, 0, None) for p, n in zip((nuclear, whole), noise)]
-    return (np.stack([np.zeros((size, size))] + planes, axis=-1) * 4000).astype(np.uint16)
-
-
-def bench_boxes(n: int, height: int, width: int, seed: int = 0, min_side: float = 6.0, max_side: float = 64.0) -> np.ndarray:
-    """``n`` valid boxes spread over an image, as cells would be: (n, 4) float32 x1, y1, x2, y2.
-
-    Box centres sit on a jittered grid of at least ``n`` cells (a random subset of cells,
-    in random order, as detections come); sides are about the grid pitch, clipped to
-    [min_side, max_side], and every box lies inside the image.
-    """
-    if n < 0:
-        raise ValueError(f"n: expected a non-negative box count, got {n}")
-    rng = np.random.default_rng(seed)
-    cols = max(1, math.ceil(math.sqrt(n * width / height)))
-    rows = max(1, math.ceil(n / cols))
-    pitch_x, pitch_y = width / cols, height / rows
-    cells = rng.permutation(rows * cols)[:n]
-    cy = (cells // cols + 0.5 + rng.uniform(-0.25, 0.25, n)) * pitch_y
-    cx = (cells % cols + 0.5 + rng.uniform(-0.25, 0.25, n)) * pitch_x
-    side_x = np.clip(pitch_x * rng.uniform(0.7, 1.3, n), min_side, max_side)
-    side_y = np.clip(pitch_y * rng.uniform(0.7, 1.3, n), min_side, max_side)
-    boxes = np.stack([cx - side_x / 2, cy - side_y / 2, cx + side_x / 2, cy + side_y / 2], axis=1)
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-    return boxes.astype(np.float32)
-
-
-def cell_logits(boxes: Tensor, low_res: int = 256, model_size: int = 1024, sharpness: float = 8.0) -> Tensor:
-    """Mask logits of the ellipse inscribed in each box, as a trained decoder roughly gives.
-
-    Args:
-        boxes: (N, 4) xyxy in model-input pixels (any float dtype and device).
-        low_res, model_size: decoder output side and model input side.
-        sharpness: logit at the ellipse centre; outside the ellipse logits fall to -sharpness.
-
-    Returns:
-        (N, low_res, low_res) float32 on the boxes' device, positive inside the ellipse.
-    """
-    b = boxes.float()
-    scale = model_size / low_res
-    centres = (torch.arange(low_res, device=b.device, dtype=torch.float32) + 0.5) * scale
-    half_x = ((b[:, 2] - b[:, 0]) / 2).clamp_min(scale)
-    half_y = ((b[:, 3] - b[:, 1]) / 2).clamp_min(scale)
-    u = (centres[None, :] - (b[:, 0] + b[:, 2])[:, None] / 2) / half_x[:, None]
-    v = (centres[None, :] - (b[:, 1] + b[:, 3])[:, None] / 2) / half_y[:, None]
-    r2 = v[:, :, None] ** 2 + u[:, None, :] ** 2
-    return (sharpness * (1 - r2)).clamp_min(-sharpness)
 
 
 # --------------------------------------------------------------------------- timing
@@ -584,14 +508,14 @@ def painter_bench(ns: Sequence[int], device: torch.device | str = "cpu", out_sha
                   seed: int = 0) -> list[dict[str, Any]]:
     """``MaskPainter`` against the per-box upsampling (``per_box_paint``), no model needed.
 
-    Masks are ``cell_logits`` of ``bench_boxes`` (cell-sized ellipses). Each row:
+    Masks are ``cell_logits`` of ``cell_boxes`` (cell-sized ellipses). Each row:
     {"n", "painter": summarize, "per_box": summarize | None, "identical": bool | None}.
     """
     device = torch.device(device)
     clock = DeviceClock(device)
     rows = []
     for n in ns:
-        boxes = torch.from_numpy(bench_boxes(n, model_size, model_size, seed=seed))
+        boxes = torch.from_numpy(cell_boxes(n, model_size, model_size, seed=seed))
         logits = cell_logits(boxes, low_res, model_size).to(device)
         times = []
         for _ in range(repeats + 1):  # first call warms up
@@ -880,7 +804,7 @@ def run_bench(opts: BenchOptions, network=None) -> dict[str, Any]:
         inference = replace(inference, chunk_size=opts.chunk_size)
     height, width = image.shape[:2]
     box_sets: list[tuple[str, int | None, np.ndarray | None]] = [
-        ("user", n, bench_boxes(n, height, width, seed=opts.seed + 1)) for n in opts.ns]
+        ("user", n, cell_boxes(n, height, width, seed=opts.seed + 1)) for n in opts.ns]
     if opts.cellfinder:
         box_sets.append(("cellfinder", None, None))
 
@@ -891,8 +815,8 @@ def run_bench(opts: BenchOptions, network=None) -> dict[str, Any]:
         "device_name": opts.name or device_name(device),
         "config": {
             "model": network.config.name, "weights": weights, "masks": masks, "image_shape": list(image.shape),
-            "image": f"cellsam_trt.bench.bench_image(size={opts.image_size}, n_cells={opts.cells}, seed={opts.seed})",
-            "boxes": f"cellsam_trt.bench.bench_boxes(n, {height}, {width}, seed={opts.seed + 1})",
+            "image": f"cellsam_trt.synthetic.bench_image(size={opts.image_size}, n_cells={opts.cells}, seed={opts.seed})",
+            "boxes": f"cellsam_trt.synthetic.cell_boxes(n, {height}, {width}, seed={opts.seed + 1})",
             "ns": list(opts.ns), "cellfinder_run": opts.cellfinder, "warmup": opts.warmup, "repeats": opts.repeats,
             "baseline_repeats": opts.baseline_repeats, "caps": dict(opts.caps), "inference": asdict(inference),
             "smoke": opts.smoke,
@@ -1040,7 +964,7 @@ def fp16_accuracy(network, image: np.ndarray, inference: InferenceConfig, device
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoCellsWarning)
         return {"cellfinder": precision_agreement(fp32, fp16, image),
-                "user_500": precision_agreement(fp32, fp16, image, bench_boxes(500, height, width, seed=seed + 1))}
+                "user_500": precision_agreement(fp32, fp16, image, cell_boxes(500, height, width, seed=seed + 1))}
 
 
 def large_image_throughput(opts: BenchOptions, device: torch.device) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import copy
 import json
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,8 +14,8 @@ from cellsam_trt import bench
 from cellsam_trt.cli import main as cli_main
 from cellsam_trt.config import ModelConfig
 from cellsam_trt.pipeline import CellSAM
-from cellsam_trt.postprocess import MaskPainter
 from cellsam_trt.runtime.base import Backend
+from cellsam_trt.synthetic import bench_image, cell_logits
 
 USER_STAGES = ("preprocess", "encoder", "decoder", "paint", "cleanup", "masks", "decoder_and_masks", "total",
                "total_excl_clahe")
@@ -121,40 +120,6 @@ def test_render_refuses_other_json(tmp_path, capsys):
     assert "not a cellsam-trt-bench report" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("n", [1, 7, 100, 3500])
-def test_bench_boxes_are_exact_valid_and_spread(n):
-    boxes = bench.bench_boxes(n, 1024, 768, seed=3)
-    assert boxes.shape == (n, 4) and boxes.dtype == np.float32
-    x1, y1, x2, y2 = boxes.T
-    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= 768).all() and (y2 <= 1024).all()
-    assert (x2 - x1 >= 3).all() and (y2 - y1 >= 3).all()
-    if n >= 100:
-        centres = np.stack([(x1 + x2) / 2, (y1 + y2) / 2], 1)
-        # spread over the whole image, not clustered: every quadrant holds about a quarter
-        quadrant = (centres[:, 0] > 384).astype(int) + 2 * (centres[:, 1] > 512)
-        assert np.bincount(quadrant, minlength=4).min() > 0.15 * n
-    assert np.array_equal(boxes, bench.bench_boxes(n, 1024, 768, seed=3))
-
-
-def test_cell_logits_paint_the_ellipse_inside_each_box():
-    boxes = torch.tensor([[100.0, 200.0, 140.0, 260.0], [500.0, 500.0, 530.0, 520.0]])
-    logits = bench.cell_logits(boxes, 256, 1024)
-    assert logits.shape == (2, 256, 256)
-    painter = MaskPainter((1024, 1024), low_res=256, model_size=1024)
-    painter.paint(logits, 1)
-    labels = painter.result().numpy()
-    for k, (x1, y1, x2, y2) in enumerate(boxes.int().tolist(), start=1):
-        ys, xs = np.nonzero(labels == k)
-        assert len(ys) > 0.5 * np.pi / 4 * (x2 - x1) * (y2 - y1)  # most of the inscribed ellipse
-        assert xs.min() >= x1 - 4 and xs.max() <= x2 + 4 and ys.min() >= y1 - 4 and ys.max() <= y2 + 4
-
-
-def test_bench_image_is_a_three_channel_cell_image():
-    image = bench.bench_image(128, n_cells=20, seed=1)
-    assert image.shape == (128, 128, 3) and image.dtype == np.uint16
-    assert image[..., 0].max() == 0 and image[..., 1].max() > 0 and image[..., 2].max() > 0
-
-
 def test_summarize_reports_median_and_spread():
     stats = bench.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (stats["median"], stats["q1"], stats["q3"], stats["min"], stats["max"], stats["n"]) == (3, 2, 4, 1, 5, 5)
@@ -216,14 +181,14 @@ class _ScriptedBackend(Backend):
     def decoder(self, embedding, boxes, *, last_call=False):
         time.sleep(self.delay)
         self.decoder_boxes.append(len(boxes))
-        return bench.cell_logits(boxes)[:, None], torch.ones(len(boxes), 1)
+        return cell_logits(boxes)[:, None], torch.ones(len(boxes), 1)
 
 
 def test_cellfinder_run_bookkeeping_splits_graph_and_selection_time():
     scripted = _ScriptedBackend()
     clock = bench.DeviceClock(scripted.device)
     session = CellSAM(bench.TimedBackend(scripted, clock, cell_masks=False))
-    image = bench.bench_image(256, n_cells=5)
+    image = bench_image(256, n_cells=5)
     record, labels = bench.measure_pipeline(session, clock, image, None, warmup=1, repeats=2, clahe_seconds=0.0)
     assert record["n"] == 5 and record["kept"] == 5 and record["decoder_calls"] == 1
     assert labels.max() == 5
@@ -248,7 +213,7 @@ def test_cell_masks_replace_the_decoder_output_and_are_subtracted():
     timed = bench.TimedBackend(scripted, clock, cell_masks=True)
     boxes = torch.tensor([[10.0, 10.0, 50.0, 40.0]])
     masks, _ = timed.decoder(torch.ones(1, 32, 64, 64), boxes)
-    assert torch.equal(masks, bench.cell_logits(boxes)[:, None])
+    assert torch.equal(masks, cell_logits(boxes)[:, None])
     times = clock.collect()
     assert set(times) == {"decoder", "synthetic_masks"} and times["synthetic_masks"] > 0
 
