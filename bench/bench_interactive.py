@@ -60,8 +60,9 @@ def main() -> int:
     parser.add_argument("--out", help="JSON report (default: bench/results/<device>/interactive-<date>.json)")
     args = parser.parse_args()
 
+    from report import machine_record, save_report
+
     import cellsam_trt
-    from cellsam_trt.bench import machine_info, save_report
     from cellsam_trt.synthetic import cell_boxes, synthetic_cells
 
     warnings.simplefilter("ignore", cellsam_trt.NoCellsWarning)
@@ -107,7 +108,7 @@ def main() -> int:
     report = {
         "what": "embed once, prompt many times: full call vs prompt on a kept embedding",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(session.backend.device),
+        "machine": machine_record(session.backend.device),
         "backend": session.backend.describe(),
         "config": session.backend.config.name,
         "image": list(image.shape), "boxes": args.boxes, "repeats": args.repeats,

@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from report import RESULTS, machine_record
 
     from cellsam_trt import CellSAM
-    from cellsam_trt.bench import device_name, machine_info
+    from cellsam_trt.bench.machine import device_name
     from cellsam_trt.checkpoint import random_network, write_checkpoint
     from cellsam_trt.config import ModelConfig
     from cellsam_trt.synthetic import synthetic_cells
@@ -87,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     fps = {k: args.frames / s for k, s in seconds.items()}
     report = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(device),
+        "machine": machine_record(device),
         "command": " ".join(["python", "bench/bench_stack.py", *(argv if argv is not None else sys.argv[1:])]),
         "config": args.config, "backend": backend, "device": str(device), "frames": args.frames,
         "side": args.side, "batch_size": args.batch_size, "rounds": args.rounds,
         "cells_per_frame": cells, "seconds": times, "median_seconds": seconds, "frames_per_second": fps,
         "speedup": seconds["loop"] / seconds["stack"], "labels_identical": same,
     }
-    out = Path(args.out) if args.out else (Path(__file__).parent / "results" / device_name(device)
-                                            / f"stack-{datetime.date.today().isoformat()}.json")
+    out = Path(args.out) if args.out else (RESULTS / device_name(device)
+                                           / f"stack-{datetime.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     table = "\n".join([
