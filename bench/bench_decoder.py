@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from cellsam_trt.bench import row_failure, simulate_oom
+from cellsam_trt.bench.timing import row_failure, simulate_oom
 from cellsam_trt.checkpoint import random_network
 from cellsam_trt.config import ModelConfig
 from cellsam_trt.modeling import BoxDecoder

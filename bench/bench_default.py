@@ -234,9 +234,9 @@ def main() -> int:
         parser.error("--released: a vanvalenlab/cellSAM checkout is needed (the folder holding cellSAM/)")
 
     import torch
+    from report import machine_record, save_report
 
     from cellsam_trt.accuracy import label_agreement
-    from cellsam_trt.bench import machine_info, save_report
 
     image = bench_image(args)
     work = Path(tempfile.mkdtemp(prefix="cellsam-bench-default-"))
@@ -314,7 +314,7 @@ def main() -> int:
     report = {
         "what": "default cellsam_trt.segment(image) vs the released per-box loop, each in its own process",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(device),
+        "machine": machine_record(device),
         "device": str(device),
         "image": {"shape": list(image.shape), "source": args.image or "released sample_imgs/tissuenet.png",
                   "crop": args.crop},

@@ -10,9 +10,9 @@ FP32 graphs again with OPS (comma separated ONNX op types, empty: no FP32 island
 the converter's defaults) kept in FP32; without ``--variant`` the export's own FP16 graphs
 (``cellsam_trt.mixed_precision.FP32_ISLAND_OPS``) are measured.
 
-For every bench image (``cellsam_trt.bench.bench_image`` with each seed) it compares, against
+For every bench image (``cellsam_trt.synthetic.bench_image`` with each seed) it compares, against
 the FP32 graphs: the CellFinder path (boxes kept, matched-cell F1 and per-cell IoU of the
-labels), the user-box path (``--user-boxes`` boxes from ``bench_boxes``), and the max abs
+labels), the user-box path (``--user-boxes`` boxes from ``cell_boxes``), and the max abs
 difference of every graph output on that image's inputs (the decoder fed the FP32
 embedding and the FP32 top-scoring CellFinder boxes, so its error is its own). Sessions run
 one at a time (a ViT-B ONNX Runtime session holds several GB). Prints JSON and, with
@@ -179,18 +179,18 @@ def main() -> int:
         print(markdown(json.loads(Path(args.render).read_text())))
         return 0
 
-    from cellsam_trt.bench import bench_boxes, bench_image
     from cellsam_trt.checkpoint import random_network, write_checkpoint
     from cellsam_trt.config import ModelConfig
     from cellsam_trt.export_onnx import export_checkpoint
     from cellsam_trt.runtime.artifacts import MANIFEST_NAME
+    from cellsam_trt.synthetic import bench_image, cell_boxes
     from cellsam_trt.testing import steer_random_network
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     images = [bench_image(args.size, args.cells, seed=s) for s in seeds]
-    user_boxes = [bench_boxes(args.user_boxes, args.size, args.size, seed=s + 1) for s in seeds]
+    user_boxes = [cell_boxes(args.user_boxes, args.size, args.size, seed=s + 1) for s in seeds]
     base = work / "onnx"
     report: dict = {"seeds": seeds, "size": args.size, "cells": args.cells, "user_boxes": args.user_boxes,
                     "mask_coverage": args.mask_coverage, "score_shift": args.score_shift,

@@ -74,9 +74,10 @@ def main() -> int:
     parser.add_argument("--out", help="JSON report (default: bench/results/<device>/interactive-<date>.json)")
     args = parser.parse_args()
 
+    from report import machine_record, save_report
+
     import cellsam_trt
-    from cellsam_trt.bench import bench_boxes, machine_info, save_report
-    from cellsam_trt.testing import synthetic_cells
+    from cellsam_trt.synthetic import cell_boxes, synthetic_cells
 
     warnings.simplefilter("ignore", cellsam_trt.NoCellsWarning)
     if args.released:
@@ -97,7 +98,7 @@ def main() -> int:
     h, w = image.shape[:2]
     counts = [int(n) for n in args.on_screen.split(",") if n]
     total = args.boxes + max(counts) + 1
-    boxes = bench_boxes(total, h, w, seed=1) if args.layout == "random" else grid_boxes(total, h, w, seed=1)
+    boxes = cell_boxes(total, h, w, seed=1) if args.layout == "random" else grid_boxes(total, h, w, seed=1)
     prompt_boxes = boxes[:args.boxes]
     session.segment(image, boxes=prompt_boxes)  # warm-up: sessions, arenas, caches
 
@@ -125,7 +126,7 @@ def main() -> int:
     report = {
         "what": "embed once, prompt many times: full call vs prompt on a kept embedding",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(session.backend.device),
+        "machine": machine_record(session.backend.device),
         "backend": session.backend.describe(),
         "config": session.backend.config.name,
         "image": list(image.shape), "boxes": args.boxes, "layout": args.layout, "repeats": args.repeats,

@@ -122,11 +122,12 @@ def main() -> int:
         return worker(args)
 
     import torch
+    from report import machine_record, save_report
 
-    from cellsam_trt.bench import machine_info, save_report
     from cellsam_trt.checkpoint import random_network, write_checkpoint
     from cellsam_trt.config import ModelConfig
-    from cellsam_trt.testing import steer_random_network, synthetic_cells
+    from cellsam_trt.synthetic import synthetic_cells
+    from cellsam_trt.testing import steer_random_network
 
     work = Path(tempfile.mkdtemp(prefix="cellsam-bench-memory-"))
     network = steer_random_network(random_network(ModelConfig.tiny(), seed=0), synthetic_cells(300, 400, seed=1),
@@ -145,7 +146,7 @@ def main() -> int:
     report = {
         "what": "peak host memory and time against image side (tiny config, all-zero images)",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(torch.device("cpu")),
+        "machine": machine_record(torch.device("cpu")),
         "rows": rows,
     }
     save_report(report, args.out, "memory", torch.device("cpu"), markdown)

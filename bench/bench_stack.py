@@ -46,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from report import RESULTS, machine_record
 
     from cellsam_trt import CellSAM
-    from cellsam_trt.bench import device_name, machine_info
+    from cellsam_trt.bench.machine import device_name
     from cellsam_trt.checkpoint import random_network, write_checkpoint
     from cellsam_trt.config import ModelConfig
-    from cellsam_trt.testing import steer_random_network, synthetic_cells
+    from cellsam_trt.synthetic import synthetic_cells
+    from cellsam_trt.testing import steer_random_network
 
     warnings.simplefilter("ignore")  # empty frames and the like: the comparison reports them
     device = torch.device(args.device)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     fps = {k: args.frames / s for k, s in seconds.items()}
     report = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(device),
+        "machine": machine_record(device),
         "command": " ".join(["python", "bench/bench_stack.py", *(argv if argv is not None else sys.argv[1:])]),
         "config": args.config, "backend": backend, "device": str(device), "frames": args.frames,
         "side": args.side, "batch_size": args.batch_size, "rounds": args.rounds,
@@ -97,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": seconds["loop"] / seconds["stack"], "labels_identical": same,
         "differing_pixel_share": differing, "cells_per_frame_loop": cells_loop,
     }
-    out = Path(args.out) if args.out else (Path(__file__).parent / "results" / device_name(device)
-                                            / f"stack-{datetime.date.today().isoformat()}.json")
+    out = Path(args.out) if args.out else (RESULTS / device_name(device)
+                                           / f"stack-{datetime.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     table = "\n".join([

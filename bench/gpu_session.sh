@@ -152,7 +152,7 @@ for line in open(sys.argv[1]):
 EOF
             ;;
         bench)
-            run_step bench "$LIMIT_BENCH" "$OUT/bench.log" $PY -m cellsam_trt.cli bench $BENCH_ARGS --out-dir "$OUT/results"
+            run_step bench "$LIMIT_BENCH" "$OUT/bench.log" $PY bench/bench_latency.py $BENCH_ARGS --out-dir "$OUT/results"
             $PY - "$OUT/results" >> "$OUT/summary.txt" <<'EOF'
 import json, pathlib, sys
 reports = sorted(pathlib.Path(sys.argv[1]).glob("*/*.json"), key=lambda p: p.stat().st_mtime)

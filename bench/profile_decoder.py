@@ -21,8 +21,8 @@ import torch
 
 from cellsam_trt.checkpoint import random_network
 from cellsam_trt.config import ModelConfig
-from cellsam_trt.export_onnx import random_boxes
 from cellsam_trt.modeling import BoxDecoder
+from cellsam_trt.synthetic import cell_boxes
 
 
 def main() -> int:
@@ -44,7 +44,7 @@ def main() -> int:
     decoder = BoxDecoder(sam.prompt_encoder, sam.mask_decoder).to(device).eval()
     grid = config.sam.encoder.grid_size
     embedding = torch.randn(1, config.sam.prompt_embed_dim, grid, grid, device=device)
-    boxes = random_boxes(args.n, config.image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    boxes = torch.from_numpy(cell_boxes(args.n, config.image_size, config.image_size)).to(device)
     autocast = torch.autocast("cuda", dtype=torch.float16) if args.fp16 else contextlib.nullcontext()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

@@ -48,7 +48,8 @@ def main() -> int:
     import cellsam_trt
     from cellsam_trt.checkpoint import random_network, read_state_dict, write_checkpoint
     from cellsam_trt.config import ModelConfig
-    from cellsam_trt.testing import steer_random_network, synthetic_cells
+    from cellsam_trt.synthetic import synthetic_cells
+    from cellsam_trt.testing import steer_random_network
 
     height, width = (int(v) for v in args.size.lower().split("x"))
     image = synthetic_cells(height, width, n_cells=60, seed=args.seed)

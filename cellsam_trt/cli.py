@@ -17,7 +17,7 @@ COMMAND_MODULES = (
     "cellsam_trt.batch",
     "cellsam_trt.export_onnx",
     "cellsam_trt.engines",
-    "cellsam_trt.bench",
+    "cellsam_trt.bench.latency",
     "cellsam_trt.cache",
     "cellsam_trt.napari_plugin",
 )

@@ -11,7 +11,8 @@ from .config import ModelConfig
 from .io import overlay, write_labels_tiff, write_png
 from .pipeline import CellSAM
 from .runtime import TorchBackend, resolve_device
-from .testing import steer_random_network, synthetic_cells
+from .synthetic import synthetic_cells
+from .testing import steer_random_network
 
 NOTICE = """\
 ========================================================================

@@ -301,7 +301,7 @@ def verification_inputs(config, adapted: bool, *, size: int = 512, seed: int = 0
     """Realistic graph inputs: both model inputs, (1, 3, S, S) float32 each, of ``image`` (any
     image ``segment`` takes) or, by default, of a synthetic ``size`` x ``size`` cell image."""
     from . import preprocess as pre
-    from .testing import synthetic_cells
+    from .synthetic import synthetic_cells
 
     if image is None:
         image = synthetic_cells(size, size, n_cells=60, seed=seed)

@@ -47,6 +47,7 @@ from .runtime.artifacts import (
     io_shapes,
     resolve_shape,
 )
+from .synthetic import cell_boxes
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +85,10 @@ def sample_inputs(config: ModelConfig, graph: str, *, batch: int = 2, num_boxes:
     for name in GRAPH_SPECS[graph].inputs:
         shape = resolve_shape(shapes[name], symbols)
         if name == "boxes":
-            out.append(random_boxes(shape[0], config.image_size, generator=g))
+            out.append(torch.from_numpy(cell_boxes(shape[0], config.image_size, config.image_size, seed=seed)))
         else:
             out.append(torch.randn(shape, generator=g))
     return tuple(out)
-
-
-def random_boxes(n: int, size: int, *, generator: torch.Generator | None = None, min_side: float = 8.0, max_side: float = 80.0) -> Tensor:
-    """(n, 4) float32 xyxy boxes inside a ``size`` x ``size`` square."""
-    side = min_side + (max_side - min_side) * torch.rand(n, 2, generator=generator)
-    corner = (size - side) * torch.rand(n, 2, generator=generator)
-    return torch.cat([corner, corner + side], dim=1)
 
 
 def export_graph(

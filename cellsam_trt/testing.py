@@ -25,35 +25,7 @@ from torch import Tensor, nn
 from . import postprocess as post
 from . import preprocess as pre
 from .modeling import BoxDecoder, CellSAMNetwork
-
-
-def synthetic_cells(height: int = 512, width: int = 512, n_cells: int = 40, seed: int = 0, channels: int = 2) -> np.ndarray:
-    """A fluorescence-like test image: bright elliptic cells with noise.
-
-    Returns:
-        (H, W) uint16 for ``channels == 1``, else (H, W, channels) uint16 (nuclear and
-        whole-cell channels in the last slots).
-    """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    whole = np.zeros((height, width))
-    nuclear = np.zeros((height, width))
-    radius = max(4.0, min(height, width) / 30)
-    for _ in range(n_cells):
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        ry, rx = radius * rng.uniform(0.7, 1.4, size=2)
-        angle = rng.uniform(0, np.pi)
-        dy, dx = yy - cy, xx - cx
-        u = (dx * np.cos(angle) + dy * np.sin(angle)) / rx
-        v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ry
-        r2 = u * u + v * v
-        whole = np.maximum(whole, rng.uniform(0.5, 1.0) * (r2 < 1))
-        nuclear = np.maximum(nuclear, rng.uniform(0.6, 1.0) * (r2 < 0.3))
-    noise = rng.normal(0, 0.03, size=(2, height, width))
-    planes = [np.clip(p + n, 0, None) for p, n in zip((nuclear, whole), noise)]
-    stack = np.stack(planes[-channels:] if channels <= 2 else [np.zeros_like(whole)] + planes, axis=-1)
-    image = (stack * 4000).astype(np.uint16)
-    return image[..., 0] if channels == 1 else image
+from .synthetic import synthetic_cells
 
 
 def _capture_input(module: nn.Module, run) -> Tensor:

@@ -9,7 +9,8 @@ from export_shared import tiny_export
 
 from cellsam_trt.checkpoint import random_network
 from cellsam_trt.config import ModelConfig
-from cellsam_trt.testing import steer_random_network, synthetic_cells
+from cellsam_trt.synthetic import synthetic_cells
+from cellsam_trt.testing import steer_random_network
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 

@@ -1,22 +1,25 @@
-"""The latency bench: smoke mode end to end (JSON, markdown, PNG), and its building blocks.
+"""The latency bench: smoke mode end to end (JSON, and the markdown and PNG that
+bench/report.py makes of it), its options, and its building blocks.
 
 Speed itself is not asserted here (that is what the reports are for); these tests check
 that the bench measures every stage it claims, compares like with like, and keeps working.
 """
 import copy
+import importlib
 import json
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from cellsam_trt import bench
+from cellsam_trt.bench import latency, measure, options, timing
 from cellsam_trt.cli import main as cli_main
 from cellsam_trt.config import ModelConfig
 from cellsam_trt.pipeline import CellSAM
-from cellsam_trt.postprocess import MaskPainter
 from cellsam_trt.runtime.base import Backend
+from cellsam_trt.synthetic import bench_image, cell_logits
 
 USER_STAGES = ("preprocess", "encoder", "decoder", "paint", "cleanup", "masks", "decoder_and_masks", "total",
                "total_excl_clahe")
@@ -24,22 +27,34 @@ FINDER_STAGES = USER_STAGES + ("cellfinder", "boxes")
 BASELINE_USER_STAGES = ("preprocess", "encoder", "per_box", "cleanup", "decoder_and_masks", "total")
 
 
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_script(name: str):
+    """A module of the repository's bench/ folder, imported as its scripts import each other."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module(name)
+
+
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory, steered_tiny):
-    """One smoke run (on a copy of the session's steered tiny network, to skip re-steering)."""
+    """One smoke run (on a copy of the session's steered tiny network, to skip re-steering),
+    its JSON and the markdown and PNG rendered from it."""
     out = tmp_path_factory.mktemp("bench")
-    opts = bench.smoke_options(str(out))
-    report = bench.run_bench(opts, network=copy.deepcopy(steered_tiny))
-    paths = bench.write_report(report, out)
-    return report, paths
+    opts = options.smoke_options(str(out))
+    report = latency.run_bench(opts, network=copy.deepcopy(steered_tiny))
+    path = latency.write_report(report, out)
+    markdown, png = bench_script("report").render_report(path)
+    return report, {"json": path, "markdown": markdown, "png": png}
 
 
 def test_smoke_report_has_every_stage_backend_and_n(smoke_report):
     report, paths = smoke_report
     saved = json.loads(paths["json"].read_text())
-    assert saved["format"] == bench.FORMAT and saved["config"]["smoke"]
+    assert saved["format"] == latency.FORMAT and saved["config"]["smoke"]
     # every backend kind is either measured or skipped with a reason
-    assert set(saved["backends"]) == set(bench.BACKEND_KINDS)
+    assert set(saved["backends"]) == set(options.BACKEND_KINDS)
     for entry in saved["backends"].values():
         assert entry["status"] in ("ok", "skipped")
         if entry["status"] == "skipped":
@@ -49,7 +64,7 @@ def test_smoke_report_has_every_stage_backend_and_n(smoke_report):
         assert "CUDA" in saved["backends"]["torch-fp16"]["reason"]
 
     runs = {(r["backend"], r["boxes"], r["n"] if r["boxes"] == "user" else None): r for r in saved["runs"]}
-    for n in bench.SMOKE_NS:
+    for n in options.SMOKE_NS:
         run = runs[("torch-fp32", "user", n)]
         assert run["n"] == n  # user boxes control N exactly
         assert set(USER_STAGES) <= set(run["stages"])
@@ -64,11 +79,11 @@ def test_smoke_report_has_every_stage_backend_and_n(smoke_report):
     assert not saved["config"]["cellfinder_run"] and ("torch-fp32", "cellfinder", None) not in runs
 
     base = {(b["boxes"], b["n"]): b for b in saved["baseline"]}
-    for n in bench.SMOKE_NS:
+    for n in options.SMOKE_NS:
         stages = base[("user", n)]["stages"]
         assert all(stages[s]["median"] > 0 for s in BASELINE_USER_STAGES)
     speed = {(s["backend"], s["n"]) for s in saved["speedup"] if s["boxes"] == "user"}
-    assert speed == {("torch-fp32", n) for n in bench.SMOKE_NS}
+    assert speed == {("torch-fp32", n) for n in options.SMOKE_NS}
     assert all(s["total"] > 0 for s in saved["speedup"])
 
     steps = saved["preprocess"]["steps"]
@@ -77,7 +92,7 @@ def test_smoke_report_has_every_stage_backend_and_n(smoke_report):
     deviation = saved["preprocess"]["opencv_deviation"]
     assert set(deviation) == {"normalized", "embedding_input", "cellfinder_input"}
     assert 0 < deviation["normalized"]["mean"] <= deviation["normalized"]["p999"] <= deviation["normalized"]["max"] < 0.1
-    assert [row["n"] for row in saved["painter"]["rows"]] == list(bench.SMOKE_NS)
+    assert [row["n"] for row in saved["painter"]["rows"]] == list(options.SMOKE_NS)
     assert all(row["identical"] for row in saved["painter"]["rows"])
     assert saved["machine"]["libraries"]["torch"] == torch.__version__.split("+")[0] or saved["machine"]["libraries"]["torch"]
 
@@ -85,7 +100,7 @@ def test_smoke_report_has_every_stage_backend_and_n(smoke_report):
 def test_smoke_bench_compares_the_same_labels_as_the_baseline(smoke_report):
     report, _ = smoke_report
     comparisons = {c["n"]: c for c in report["comparisons"] if c["backend"] == "torch-fp32" and c["boxes"] == "user"}
-    assert set(comparisons) == set(bench.SMOKE_NS)
+    assert set(comparisons) == set(options.SMOKE_NS)
     for c in comparisons.values():
         assert c["differing_pixels"] <= 10, c
 
@@ -99,7 +114,7 @@ def test_markdown_and_png_are_written_and_regenerated(smoke_report, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     paths["markdown"].unlink()
     paths["png"].unlink()
-    assert cli_main(["bench", "--render", str(paths["json"])]) == 0
+    assert bench_script("report").main([str(paths["json"])]) == 0
     assert paths["markdown"].read_text() == md
     assert paths["png"].exists()
 
@@ -109,57 +124,23 @@ def test_second_report_does_not_overwrite_the_first(smoke_report, tmp_path):
     earlier = tmp_path / report["device_name"] / paths["json"].name
     earlier.parent.mkdir()
     earlier.write_text("earlier report")
-    second = bench.write_report(report, tmp_path)["json"]
+    second = latency.write_report(report, tmp_path)
     assert second != earlier and second.name.endswith("-2.json")
-    assert earlier.read_text() == "earlier report" and json.loads(second.read_text())["format"] == bench.FORMAT
+    assert earlier.read_text() == "earlier report" and json.loads(second.read_text())["format"] == latency.FORMAT
 
 
 def test_render_refuses_other_json(tmp_path, capsys):
     path = tmp_path / "other.json"
     path.write_text(json.dumps({"format": "something-else"}))
-    assert cli_main(["bench", "--render", str(path)]) == 1
+    assert bench_script("report").main([str(path)]) == 1
     assert "not a cellsam-trt-bench report" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("n", [1, 7, 100, 3500])
-def test_bench_boxes_are_exact_valid_and_spread(n):
-    boxes = bench.bench_boxes(n, 1024, 768, seed=3)
-    assert boxes.shape == (n, 4) and boxes.dtype == np.float32
-    x1, y1, x2, y2 = boxes.T
-    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= 768).all() and (y2 <= 1024).all()
-    assert (x2 - x1 >= 3).all() and (y2 - y1 >= 3).all()
-    if n >= 100:
-        centres = np.stack([(x1 + x2) / 2, (y1 + y2) / 2], 1)
-        # spread over the whole image, not clustered: every quadrant holds about a quarter
-        quadrant = (centres[:, 0] > 384).astype(int) + 2 * (centres[:, 1] > 512)
-        assert np.bincount(quadrant, minlength=4).min() > 0.15 * n
-    assert np.array_equal(boxes, bench.bench_boxes(n, 1024, 768, seed=3))
-
-
-def test_cell_logits_paint_the_ellipse_inside_each_box():
-    boxes = torch.tensor([[100.0, 200.0, 140.0, 260.0], [500.0, 500.0, 530.0, 520.0]])
-    logits = bench.cell_logits(boxes, 256, 1024)
-    assert logits.shape == (2, 256, 256)
-    painter = MaskPainter((1024, 1024), low_res=256, model_size=1024)
-    painter.paint(logits, 1)
-    labels = painter.result().numpy()
-    for k, (x1, y1, x2, y2) in enumerate(boxes.int().tolist(), start=1):
-        ys, xs = np.nonzero(labels == k)
-        assert len(ys) > 0.5 * np.pi / 4 * (x2 - x1) * (y2 - y1)  # most of the inscribed ellipse
-        assert xs.min() >= x1 - 4 and xs.max() <= x2 + 4 and ys.min() >= y1 - 4 and ys.max() <= y2 + 4
-
-
-def test_bench_image_is_a_three_channel_cell_image():
-    image = bench.bench_image(128, n_cells=20, seed=1)
-    assert image.shape == (128, 128, 3) and image.dtype == np.uint16
-    assert image[..., 0].max() == 0 and image[..., 1].max() > 0 and image[..., 2].max() > 0
-
-
 def test_summarize_reports_median_and_spread():
-    stats = bench.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    stats = timing.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (stats["median"], stats["q1"], stats["q3"], stats["min"], stats["max"], stats["n"]) == (3, 2, 4, 1, 5, 5)
     with pytest.raises(ValueError, match="samples"):
-        bench.summarize([])
+        timing.summarize([])
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -172,7 +153,7 @@ def test_summarize_reports_median_and_spread():
     ({"onnx_dir": "a", "export_onnx": "b"}, "onnx_dir"),
 ])
 def test_bad_options_are_refused(changes, message):
-    opts = bench.BenchOptions(**changes)
+    opts = options.BenchOptions(**changes)
     with pytest.raises(ValueError, match=message):
         opts.validate()
 
@@ -216,15 +197,15 @@ class _ScriptedBackend(Backend):
     def decoder(self, embedding, boxes, *, last_call=False):
         time.sleep(self.delay)
         self.decoder_boxes.append(len(boxes))
-        return bench.cell_logits(boxes)[:, None], torch.ones(len(boxes), 1)
+        return cell_logits(boxes)[:, None], torch.ones(len(boxes), 1)
 
 
 def test_cellfinder_run_bookkeeping_splits_graph_and_selection_time():
     scripted = _ScriptedBackend()
-    clock = bench.DeviceClock(scripted.device)
-    session = CellSAM(bench.TimedBackend(scripted, clock, cell_masks=False))
-    image = bench.bench_image(256, n_cells=5)
-    record, labels = bench.measure_pipeline(session, clock, image, None, warmup=1, repeats=2, clahe_seconds=0.0)
+    clock = timing.DeviceClock(scripted.device)
+    session = CellSAM(timing.TimedBackend(scripted, clock, cell_masks=False))
+    image = bench_image(256, n_cells=5)
+    record, labels = measure.measure_pipeline(session, clock, image, None, warmup=1, repeats=2, clahe_seconds=0.0)
     assert record["n"] == 5 and record["kept"] == 5 and record["decoder_calls"] == 1
     assert labels.max() == 5
     stages = record["stages"]
@@ -244,11 +225,11 @@ def test_cellfinder_run_bookkeeping_splits_graph_and_selection_time():
 
 def test_cell_masks_replace_the_decoder_output_and_are_subtracted():
     scripted = _ScriptedBackend(delay=0.0)
-    clock = bench.DeviceClock(scripted.device)
-    timed = bench.TimedBackend(scripted, clock, cell_masks=True)
+    clock = timing.DeviceClock(scripted.device)
+    timed = timing.TimedBackend(scripted, clock, cell_masks=True)
     boxes = torch.tensor([[10.0, 10.0, 50.0, 40.0]])
     masks, _ = timed.decoder(torch.ones(1, 32, 64, 64), boxes)
-    assert torch.equal(masks, bench.cell_logits(boxes)[:, None])
+    assert torch.equal(masks, cell_logits(boxes)[:, None])
     times = clock.collect()
     assert set(times) == {"decoder", "synthetic_masks"} and times["synthetic_masks"] > 0
 
@@ -273,11 +254,11 @@ def test_precision_section_lists_each_box_source(steered_tiny, cell_image):
 
     session = CellSAM.from_network(steered_tiny, device="cpu")
     same = precision_agreement(session, session, cell_image)
-    lines = bench.precision_markdown({"cellfinder": same})
+    lines = bench_script("report").precision_markdown({"cellfinder": same})
     row = next(line for line in lines if line.startswith("| cellfinder"))
     cells = same["labels"]["reference_cells"]
     assert f"| {cells} / {cells} | 1.0000 | 1.0000 | 1.0000 | 1.0000 |" in row
-    assert bench.precision_markdown(None) == []
+    assert bench_script("report").precision_markdown(None) == []
 
 
 @pytest.mark.parametrize("error", [
@@ -287,21 +268,21 @@ def test_precision_section_lists_each_box_source(steered_tiny, cell_image):
 def test_a_row_out_of_device_memory_is_reported_and_the_bench_goes_on(steered_tiny, tmp_path, monkeypatch, error):
     from dataclasses import replace
 
-    measure = bench.measure_pipeline
+    measure_pipeline = latency.measure_pipeline
 
     def failing_at_ten(session, clock, image, boxes, *args, **kwargs):
         if boxes is not None and len(boxes) == 10:
             raise error
-        return measure(session, clock, image, boxes, *args, **kwargs)
+        return measure_pipeline(session, clock, image, boxes, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "measure_pipeline", failing_at_ten)
-    opts = replace(bench.smoke_options(str(tmp_path)), backends=("torch-fp32",), throughput=None, painter=False)
-    report = bench.run_bench(opts, network=copy.deepcopy(steered_tiny))
+    monkeypatch.setattr(latency, "measure_pipeline", failing_at_ten)
+    opts = replace(options.smoke_options(str(tmp_path)), backends=("torch-fp32",), throughput=None, painter=False)
+    report = latency.run_bench(opts, network=copy.deepcopy(steered_tiny))
     assert [(r["backend"], r["n"]) for r in report["runs"]] == [("torch-fp32", 1)]
     failed = [s for s in report["skipped"] if s["what"] == "torch-fp32"]
     assert len(failed) == 1 and failed[0]["n"] == 10 and failed[0]["reason"].startswith("out of memory")
     assert {b["n"] for b in report["baseline"]} == {1, 10}  # the rows after it still ran
-    assert "torch-fp32 user N=10: out of memory" in bench.markdown_report(report)
+    assert "torch-fp32 user N=10: out of memory" in bench_script("report").markdown_report(report)
 
 
 def test_a_row_failing_for_another_reason_stops_the_bench(steered_tiny, tmp_path, monkeypatch):
@@ -311,34 +292,28 @@ def test_a_row_failing_for_another_reason_stops_the_bench(steered_tiny, tmp_path
     def broken(*args, **kwargs):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x4)")
 
-    monkeypatch.setattr(bench, "measure_pipeline", broken)
-    opts = replace(bench.smoke_options(str(tmp_path)), backends=("torch-fp32",), throughput=None, painter=False,
+    monkeypatch.setattr(latency, "measure_pipeline", broken)
+    opts = replace(options.smoke_options(str(tmp_path)), backends=("torch-fp32",), throughput=None, painter=False,
                    baseline=False)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        bench.run_bench(opts, network=copy.deepcopy(steered_tiny))
+        latency.run_bench(opts, network=copy.deepcopy(steered_tiny))
 
 
 def test_simulated_out_of_memory_names_rows(monkeypatch):
-    monkeypatch.setenv(bench.SIMULATE_OOM_ENV, "decoder/sam_repeat/16, torch-fp32/user/10")
+    monkeypatch.setenv(timing.SIMULATE_OOM_ENV, "decoder/sam_repeat/16, torch-fp32/user/10")
     with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
-        bench.simulate_oom("torch-fp32/user/10")
-    bench.simulate_oom("torch-fp32/user/1")  # not listed: nothing happens
-    monkeypatch.delenv(bench.SIMULATE_OOM_ENV)
-    bench.simulate_oom("torch-fp32/user/10")
+        timing.simulate_oom("torch-fp32/user/10")
+    timing.simulate_oom("torch-fp32/user/1")  # not listed: nothing happens
+    monkeypatch.delenv(timing.SIMULATE_OOM_ENV)
+    timing.simulate_oom("torch-fp32/user/10")
 
 
 def test_decoder_bench_reports_an_out_of_memory_row_and_goes_on(monkeypatch, capsys):
     """bench/bench_decoder.py: SAM's call at N = 3500 does not fit an 80 GB GPU; the rows
     after it must still be measured."""
-    import importlib.util
-    from pathlib import Path
-
     from cellsam_trt.modeling import BoxDecoder
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_decoder.py"
-    spec = importlib.util.spec_from_file_location("bench_decoder", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = bench_script("bench_decoder")
     repeat = BoxDecoder.forward_per_box_repeat
 
     def out_of_memory_at_16(self, embedding, boxes):
@@ -354,3 +329,46 @@ def test_decoder_bench_reports_an_out_of_memory_row_and_goes_on(monkeypatch, cap
     assert set(rows) == {(f, n) for f in ("sam_repeat", "shared") for n in (4, 16)}
     assert rows[("sam_repeat", 16)]["error"].startswith("out of memory: OutOfMemoryError")
     assert all(rows[key]["ms_per_call"] > 0 for key in rows if key != ("sam_repeat", 16))
+
+
+def test_command_line_defaults_are_the_options_defaults():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    options.add_arguments(parser)
+    assert options.options_from_args(parser.parse_args([])) == options.BenchOptions()
+    parsed = options.options_from_args(parser.parse_args([
+        "--n", "1,5", "--no-baseline", "--no-cellfinder", "--cap", "baseline=10", "--cap", "torch-fp32=5",
+        "--backends", "torch-fp32,onnxruntime", "--masks", "model", "--repeats", "2", "--bbox-threshold", "0.3"]))
+    assert parsed == options.BenchOptions(ns=(1, 5), baseline=False, cellfinder=False,
+                                          caps={"baseline": 10, "torch-fp32": 5},
+                                          backends=("torch-fp32", "onnxruntime"), masks="model", repeats=2,
+                                          bbox_threshold=0.3)
+    smoke = options.options_from_args(parser.parse_args(["--smoke", "--device", "cuda", "--out-dir", "x"]))
+    assert smoke == options.smoke_options("x", device="cuda") and smoke.ns == options.SMOKE_NS
+    assert "user-box counts, comma-separated (default 1,10,100,500,1000,2000,3500)" in " ".join(parser.format_help().split())
+
+
+def test_bench_command_writes_the_json_and_a_summary(smoke_report, tmp_path, monkeypatch, capsys):
+    report, _ = smoke_report
+    monkeypatch.setattr(latency, "run_bench", lambda opts: report)
+    assert cli_main(["bench", "--smoke", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    written = sorted(tmp_path.glob("*/*"))
+    assert [p.suffix for p in written] == [".json"]  # tables and plots are the repository's bench/report.py
+    assert json.loads(written[0].read_text())["runs"] == json.loads(json.dumps(report["runs"]))
+    assert "torch-fp32 user N=10: " in out and "baseline " in out and "not measured: torch-fp16" in out
+    assert "bench/report.py" in out
+
+
+def test_bench_latency_script_records_the_commit_and_renders(smoke_report, tmp_path, monkeypatch, capsys):
+    report, _ = smoke_report
+    script = bench_script("bench_latency")
+    monkeypatch.setattr(script, "run_bench", lambda opts: copy.deepcopy(report))
+    assert script.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    path = next(tmp_path.glob("*/*.json"))
+    saved = json.loads(path.read_text())
+    assert "git" in saved["machine"] and "git" not in report["machine"]  # the package itself looks up no git
+    assert path.with_suffix(".md").read_text().startswith("# CellSAM latency")
+    assert path.with_suffix(".png").exists()
+    assert "| torch-fp32 | user | 10 |" in capsys.readouterr().out

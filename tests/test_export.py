@@ -15,11 +15,11 @@ from cellsam_trt.export_onnx import (
     export_graph,
     export_network,
     graph_modules,
-    random_boxes,
 )
 from cellsam_trt.modeling import BoxDecoder
 from cellsam_trt.modeling.sam import build_sam
 from cellsam_trt.runtime.artifacts import GRAPH_SPECS, io_shapes
+from cellsam_trt.synthetic import cell_boxes
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -114,7 +114,7 @@ def test_cellfinder_matches_torch(exported, modules, batch):
 def test_decoder_matches_torch(exported, modules, num_boxes):
     g = torch.Generator().manual_seed(num_boxes)
     embedding = torch.randn((1, 32, 64, 64), generator=g)
-    boxes = random_boxes(num_boxes, 1024, generator=g)
+    boxes = torch.from_numpy(cell_boxes(num_boxes, 1024, 1024, seed=num_boxes))
     masks, iou = session(exported[1], "decoder").run(None, {"embedding": embedding.numpy(), "boxes": boxes.numpy()})
     with torch.no_grad():
         want_masks, want_iou = (t.numpy() for t in modules["decoder"](embedding, boxes))
@@ -137,7 +137,7 @@ def test_full_size_decoder_graph_matches_torch(tmp_path):
     g = torch.Generator().manual_seed(1)
     embedding = torch.randn((1, 256, 64, 64), generator=g)
     for n in (1, 5):
-        boxes = random_boxes(n, 1024, generator=g)
+        boxes = torch.from_numpy(cell_boxes(n, 1024, 1024, seed=n))
         masks, iou = sess.run(None, {"embedding": embedding.numpy(), "boxes": boxes.numpy()})
         with torch.no_grad():
             want_masks, want_iou = (t.numpy() for t in decoder(embedding, boxes))
@@ -202,7 +202,7 @@ def test_large_graph_keeps_weights_in_one_side_file(tmp_path, monkeypatch, modul
     assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.onnx", "decoder.onnx.data"]
     assert data.stat().st_size > 100_000  # the weights above 1 kB moved out of the graph file
     g = torch.Generator().manual_seed(0)
-    embedding, boxes = torch.randn((1, 32, 64, 64), generator=g), random_boxes(4, 1024, generator=g)
+    embedding, boxes = torch.randn((1, 32, 64, 64), generator=g), torch.from_numpy(cell_boxes(4, 1024, 1024))
     masks, iou = session(tmp_path, "decoder").run(None, {"embedding": embedding.numpy(), "boxes": boxes.numpy()})
     with torch.no_grad():
         want_masks, want_iou = modules["decoder"](embedding, boxes)

@@ -173,7 +173,7 @@ def test_opencv_clahe_without_clipping_is_skimage_up_to_8_bit_rounding(hw, monke
 
 
 def test_opencv_clahe_deviation_from_skimage_is_bounded():
-    from cellsam_trt.bench import bench_image
+    from cellsam_trt.synthetic import bench_image
 
     image = bench_image(512, n_cells=200, seed=1)
     diff = _opencv_vs_skimage(image)
