@@ -64,11 +64,11 @@ from .tiling import (
     TiledDetails,
     TileGrid,
     TileResult,
-    _combine_tables,
     assign_boxes,
     channel_statistics,
     check_tiling,
     clahe_region,
+    combine_tables,
     compaction_table,
     finish_normalization,
     finish_statistics,
@@ -620,7 +620,7 @@ def segment_dask(
             futures = client.map(_task_relabel, [labels_path] * len(out_blocks), out_blocks, lut=lut_arg,
                                  dtype=dtype.name, pure=False)
             _gather(client, futures, "renumbering", progress)
-        details = _combine_tables(tables, lut, grid, total, timings)
+        details = combine_tables(tables, lut, grid, total, timings)
         timings["stitch"] = time.perf_counter() - t0
 
         _write_cells(root, details)
