@@ -29,6 +29,7 @@ once, from the tile that has it inside its core, the deepest if several do
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,58 @@ class TileResult:
     depth: np.ndarray = field(default_factory=lambda: np.zeros(0))
     band: dict[int, tuple[int, int, np.ndarray]] = field(default_factory=dict)
     lut: np.ndarray | None = None
+
+    @classmethod
+    def from_tile(cls, labels: np.ndarray, tile: Tile, grid: TileGrid, *, keep_all: bool = False,
+                  details: Any = None) -> TileResult:
+        """The candidates of one tile's segmentation (``tile_candidates``), before ``resolve_band``.
+
+        Args:
+            labels: (h, w) integer labels of the tile window.
+            keep_all: keep every cell (user boxes: each box is decoded in one tile only).
+            details: the tile's ``SegmentationDetails``: each cell's prompt box (moved to
+                image pixels), score and IoU; None leaves them NaN.
+        """
+        kept, originals, cut, inside, depth, band = tile_candidates(
+            np.asarray(labels), tile, grid.height, grid.width, keep_all, band_width(grid))
+        count = len(originals)
+        if details is None:
+            boxes = np.full((count, 4), np.nan, np.float32)
+            scores, iou = np.full(count, np.nan, np.float32), np.full(count, np.nan, np.float32)
+            num_candidates = 0
+        else:
+            boxes, scores, iou = cell_table(details, originals)
+            boxes = boxes + np.array([tile.x0, tile.y0, tile.x0, tile.y0], dtype=np.float32)
+            num_candidates = details.num_candidates
+        # the smallest integer type keeps the tiles that wait for resolve_band small
+        kept = kept.astype(np.uint16) if count <= np.iinfo(np.uint16).max else kept
+        return cls(index=tile.index, labels=kept, count=count, boxes=boxes, scores=scores, iou=iou, cut=cut,
+                   num_candidates=num_candidates, inside=inside, depth=depth, band=band)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The cell table (everything but the labels) as .npz, atomically; no pickles."""
+        from .io import atomic_write
+
+        ids = sorted(self.band)
+        corners = np.array([[self.band[k][0], self.band[k][1], *self.band[k][2].shape] for k in ids],
+                           np.int64).reshape(-1, 4)
+        masks = np.concatenate([self.band[k][2].ravel() for k in ids]) if ids else np.zeros(0, bool)
+        arrays = dict(index=self.index, count=self.count, num_candidates=self.num_candidates, boxes=self.boxes,
+                      scores=self.scores, iou=self.iou, cut=self.cut, inside=self.inside, depth=self.depth,
+                      band_ids=np.array(ids, np.int64), band_corners=corners, band_masks=masks)
+        atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TileResult:
+        """The table ``save`` wrote (the labels stay where they were written: ``labels`` is None)."""
+        with np.load(path, allow_pickle=False) as z:
+            band, start = {}, 0
+            for k, (y0, x0, h, w) in zip(z["band_ids"].tolist(), z["band_corners"].tolist()):
+                band[k] = (y0, x0, z["band_masks"][start:start + h * w].reshape(h, w))
+                start += h * w
+            return cls(index=int(z["index"]), labels=None, count=int(z["count"]), boxes=z["boxes"],
+                       scores=z["scores"], iou=z["iou"], cut=z["cut"], num_candidates=int(z["num_candidates"]),
+                       inside=z["inside"], depth=z["depth"], band=band)
 
 
 def band_width(grid: TileGrid) -> float:
@@ -291,13 +344,7 @@ def stitch_tiles(grid: TileGrid, tile_labels: Sequence[np.ndarray], *, keep_all:
     """
     if len(tile_labels) != len(grid):
         raise ValueError(f"tile_labels: expected {len(grid)} tiles, got {len(tile_labels)}")
-    results = []
-    for lab, t in zip(tile_labels, grid.tiles()):
-        kept, originals, cut, inside, depth, band = tile_candidates(
-            np.asarray(lab), t, grid.height, grid.width, keep_all, band_width(grid))
-        nan = np.full(len(originals), np.nan, np.float32)
-        results.append(TileResult(t.index, kept, len(originals), np.full((len(originals), 4), np.nan, np.float32),
-                                  nan, nan, cut, 0, inside, depth, band))
+    results = [TileResult.from_tile(lab, t, grid, keep_all=keep_all) for lab, t in zip(tile_labels, grid.tiles())]
     resolve_band(results)
     labels, _ = compact_labels(*paint_results(grid, results))
     return labels

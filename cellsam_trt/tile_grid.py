@@ -19,6 +19,7 @@ import numpy as np
 
 from . import preprocess as pre
 from .io import read_image
+from .options import check_tiling
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +139,6 @@ class TileGrid:
     def overlapping(self, y0: int, y1: int, x0: int, x1: int) -> list[Tile]:
         """Tiles whose window intersects the region [y0, y1) x [x0, x1), raster order."""
         return [t for t in self.tiles() if t.y0 < y1 and y0 < t.y1 and t.x0 < x1 and x0 < t.x1]
-
-
-def check_tiling(tile_size: Any, overlap: Any) -> None:
-    """ValueError unless 64 <= tile_size and 0 <= overlap <= tile_size // 2."""
-    if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 64:
-        raise ValueError(f"tile_size: expected an integer >= 64, got {tile_size!r}")
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or not 0 <= overlap <= tile_size // 2:
-        raise ValueError(f"overlap: expected an integer in [0, tile_size // 2 = {tile_size // 2}], got {overlap!r}")
 
 
 def regions(height: int, width: int, block: int) -> list[tuple[int, int, int, int]]:
