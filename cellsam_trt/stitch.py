@@ -436,8 +436,8 @@ def details_from_segmentation(labels: np.ndarray, details: Any) -> TiledDetails:
     """``SegmentationDetails`` of an untiled image -> ``TiledDetails`` (one row per label 1..max)."""
     ids = np.arange(1, int(labels.max()) + 1 if labels.size else 1)
     boxes, scores, iou = cell_table(details, ids)
-    return TiledDetails(boxes, scores, iou, np.full(len(ids), -1, np.int32), None, details.num_candidates,
-                        0, dict(details.timings))
+    return TiledDetails(boxes=boxes, scores=scores, iou=iou, tile_of_cell=np.full(len(ids), -1, np.int32), grid=None,
+                        num_candidates=details.num_candidates, cut_cells=0, timings=dict(details.timings))
 
 
 def combine_tables(tables: Sequence[TileResult], lut: np.ndarray | None, grid: TileGrid, total: int,
@@ -455,5 +455,5 @@ def combine_tables(tables: Sequence[TileResult], lut: np.ndarray | None, grid: T
     if lut is not None:
         alive = lut[1:total + 1] > 0
         boxes, scores, iou, cut, tile_of = boxes[alive], scores[alive], iou[alive], cut[alive], tile_of[alive]
-    return TiledDetails(boxes, scores, iou, tile_of, grid, sum(t.num_candidates for t in tables),
-                        int(cut.sum()), timings)
+    return TiledDetails(boxes=boxes, scores=scores, iou=iou, tile_of_cell=tile_of, grid=grid,
+                        num_candidates=sum(t.num_candidates for t in tables), cut_cells=int(cut.sum()), timings=timings)
