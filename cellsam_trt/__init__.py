@@ -8,6 +8,7 @@ from .config import InferenceConfig, ModelConfig
 from .embedding import ImageEmbedding
 from .interactive import Annotation
 from .io import ImageFile, read_image
+from .options import SegmentOptions
 from .pipeline import (
     CellSAM,
     NoCellsWarning,
@@ -28,6 +29,7 @@ __all__ = [
     "InferenceConfig",
     "ModelConfig",
     "NoCellsWarning",
+    "SegmentOptions",
     "SegmentationDetails",
     "load_checkpoint",
     "read_image",

@@ -38,13 +38,14 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .io import IMAGE_SUFFIXES, read_image
+from .options import SegmentOptions
 from .runtime import BACKENDS
 
 log = logging.getLogger(__name__)
@@ -271,8 +272,25 @@ def image_layout(image: Any, args: argparse.Namespace) -> Any:
     return layout
 
 
-def segment_one(session: Any, path: Path, outputs: Outputs, args: argparse.Namespace) -> int:
-    """Segment one file (an image or a stack) and write its outputs; returns the number of cells."""
+def segment_options(args: argparse.Namespace) -> SegmentOptions:
+    """The ``SegmentOptions`` the command's flags ask for; ValueError naming the flag."""
+    try:
+        return SegmentOptions(bbox_threshold=args.bbox_threshold, normalize=args.clahe, postprocess=args.postprocess,
+                              remove_boundaries=args.remove_boundaries,
+                              tile_size=None if args.no_tiling else args.tile_size, overlap=args.overlap,
+                              batch_size=args.batch_size)
+    except ValueError as err:
+        name, _, reason = str(err).partition(": ")
+        flag = "--clahe" if name == "normalize" else "--" + name.replace("_", "-")
+        raise ValueError(f"{flag}: {reason}") from None
+
+
+def segment_one(session: Any, path: Path, outputs: Outputs, args: argparse.Namespace,
+                options: SegmentOptions | None = None) -> int:
+    """Segment one file (an image or a stack) and write its outputs; returns the number of cells.
+
+    ``options``: the flags' ``segment_options(args)`` (made here when not given)."""
+    options = segment_options(args) if options is None else options
     image = read_image(path)
     try:
         layout = image_layout(image, args)
@@ -282,36 +300,33 @@ def segment_one(session: Any, path: Path, outputs: Outputs, args: argparse.Names
             for message in layout.guessed:
                 tqdm.write(f"cellsam-trt segment: {path}: warning: {message}", file=sys.stderr)
         if layout.is_stack:
-            return _segment_stack(session, image.array, layout, outputs, args)
-        return _segment_opened(session, image.array, outputs, args, layout.channel_axis)
+            return _segment_stack(session, image.array, layout, outputs, args, options)
+        return _segment_opened(session, image.array, outputs, args, replace(options, channel_axis=layout.channel_axis))
     finally:
         image.close()
 
 
 def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Namespace,
-                    channel_axis: int | None) -> int:
+                    options: SegmentOptions) -> int:
     from .io import overlay, write_labels_tiff, write_png
     from .pipeline import NoCellsWarning
     from .tiling import ImageSource, details_from_segmentation, segment_large, streams_by_default
 
-    image = select_channels(raw, channel_axis, args.nuclear_channel, args.whole_cell_channel)
-    axis = None if isinstance(image, ChannelView) else channel_axis
-    options = dict(bbox_threshold=args.bbox_threshold, normalize=args.clahe, postprocess=args.postprocess,
-                   remove_boundaries=args.remove_boundaries)
+    image = select_channels(raw, options.channel_axis, args.nuclear_channel, args.whole_cell_channel)
+    axis = None if isinstance(image, ChannelView) else options.channel_axis
+    options = replace(options, channel_axis=axis)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoCellsWarning)  # an empty image is a result, reported in the summary
-        if args.no_tiling:
+        if options.tile_size is None:
             source = ImageSource(image, axis)
             full = source.read(0, source.height, 0, source.width)
-            labels, seg = session.segment(full, channel_axis=-1, return_details=True, tile_size=None, **options)
+            labels, seg = session.segment(full, return_details=True, options=replace(options, channel_axis=-1))
             details = details_from_segmentation(labels, seg)
-        elif streams_by_default(*ImageSource(image, axis).shape, args.tile_size, args.overlap, args.batch_size,
-                                args.clahe):
-            return _segment_streamed(session, image, axis, outputs, args, options)
+        elif streams_by_default(*ImageSource(image, axis).shape, options.tile_size, options.overlap,
+                                options.batch_size, options.normalize):
+            return _segment_streamed(session, image, outputs, options)
         else:
-            labels, details = segment_large(session, image, tile_size=args.tile_size, overlap=args.overlap,
-                                            batch_size=args.batch_size, channel_axis=axis, return_details=True,
-                                            stream=False, **options)
+            labels, details = segment_large(session, image, return_details=True, stream=False, options=options)
     # outputs first, labels last: with --resume an interrupted image is redone
     if outputs.cells is not None:
         write_cells_csv(outputs.cells, cell_rows(labels, details))
@@ -322,7 +337,8 @@ def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Nam
     return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
 
 
-def _segment_stack(session: Any, array: Any, layout: Any, outputs: Outputs, args: argparse.Namespace) -> int:
+def _segment_stack(session: Any, array: Any, layout: Any, outputs: Outputs, args: argparse.Namespace,
+                   options: SegmentOptions) -> int:
     """A stack frame by frame: each finished frame's labels (and cell rows) saved in a hidden
     folder beside the outputs (``--resume`` skips them), then one label stack written."""
     import shutil
@@ -354,17 +370,13 @@ def _segment_stack(session: Any, array: Any, layout: Any, outputs: Outputs, args
     first = read(indices[0])  # bad channel options fail here, before any work
     todo = [i for i in indices
             if not (frame_file(i, ".npy").exists() and (outputs.cells is None or frame_file(i, ".csv").exists()))]
-    options = {"bbox_threshold": args.bbox_threshold, "normalize": args.clahe, "postprocess": args.postprocess,
-               "remove_boundaries": args.remove_boundaries}
     bar = tqdm(total=len(indices), initial=len(indices) - len(todo), desc=outputs.labels.name, unit="frame",
                leave=False, disable=args.no_progress)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NoCellsWarning)  # an empty frame is a result
             for index, labels, details in segment_frames(
-                    session, read, todo, batch_size=args.batch_size,
-                    tile_size=None if args.no_tiling else args.tile_size, overlap=args.overlap,
-                    return_details=outputs.cells is not None, **options):
+                    session, read, todo, return_details=outputs.cells is not None, options=options):
                 if outputs.cells is not None:
                     rows = [[*index, *row] for row in cell_rows(labels, details)]
                     atomic_write(frame_file(index, ".csv"), partial(_write_rows, rows=rows))
@@ -405,8 +417,7 @@ def _write_rows(path: str, *, rows: list[list]) -> None:
         csv.writer(fh).writerows(rows)
 
 
-def _segment_streamed(session: Any, image: Any, axis: int | None, outputs: Outputs, args: argparse.Namespace,
-                      options: dict) -> int:
+def _segment_streamed(session: Any, image: Any, outputs: Outputs, options: SegmentOptions) -> int:
     """A large image tile by tile: scratch zarr beside the outputs, labels TIFF written tile by
     tile from it, cell table summed block by block; memory bounded by a few tiles."""
     import shutil
@@ -422,9 +433,8 @@ def _segment_streamed(session: Any, image: Any, axis: int | None, outputs: Outpu
     # beside the outputs: the scratch stores are about as large as the labels, on that disk
     scratch = tempfile.mkdtemp(prefix=f".{outputs.labels.name}.", dir=outputs.labels.parent)
     try:
-        labels, details = segment_large(session, image, tile_size=args.tile_size, overlap=args.overlap,
-                                        batch_size=args.batch_size, channel_axis=axis, return_details=True,
-                                        output=os.path.join(scratch, "run.zarr"), **options)
+        labels, details = segment_large(session, image, return_details=True, output=os.path.join(scratch, "run.zarr"),
+                                        options=options)
         if outputs.cells is not None:
             write_cells_csv(outputs.cells, cell_rows(labels, details))
         write_labels_tiff_tiled(outputs.labels, labels)
@@ -435,12 +445,8 @@ def _segment_streamed(session: Any, image: Any, axis: int | None, outputs: Outpu
 
 def run(args: argparse.Namespace) -> int:
     from .pipeline import CellSAM
-    from .tiling import check_tiling
 
-    if not args.no_tiling:
-        check_tiling(args.tile_size, args.overlap)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    options = segment_options(args)  # bad flags fail here, before any work
     outdir = Path(args.outdir)
     paths, problems = expand_inputs(args.inputs, args.recursive, exclude=outdir)
     failed: list[tuple[str, str]] = list(problems)
@@ -475,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
         for path, outputs in bar:
             bar.set_postfix_str(path.name, refresh=False)
             try:
-                n = segment_one(session, path, outputs, args)
+                n = segment_one(session, path, outputs, args, options)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as err:  # one bad file must not stop the batch

@@ -45,7 +45,9 @@ from . import checkpoint as ckpt
 from . import postprocess as post
 from . import preprocess as pre
 from .config import InferenceConfig
-from .pipeline import CellSAM, NoCellsWarning, _Timer
+from .core import Timer
+from .options import SegmentOptions
+from .pipeline import CellSAM, NoCellsWarning
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class CompatCellSAM(CellSAM):
 
     @bbox_threshold.setter
     def bbox_threshold(self, value: float) -> None:
-        self.options = replace(self.options, bbox_threshold=self._options(value, None).bbox_threshold)
+        self.options = replace(self.options, bbox_threshold=SegmentOptions(bbox_threshold=value).bbox_threshold)
 
     def eval(self) -> CompatCellSAM:
         """No-op (inference only); returns the session, as ``nn.Module.eval`` returns the module."""
@@ -123,26 +125,19 @@ class CompatCellSAM(CellSAM):
             if len(boxes_per_heatmap) != 1:
                 raise ValueError("boxes_per_heatmap: expected a one-element list with the image's (N, 4) boxes")
             user_boxes = np.asarray(boxes_per_heatmap[0], dtype=np.float64)
-        backend = self.backend
-        opts = self._options(None, None)
-        item = self._prepare(np.moveaxis(batch[0], 0, -1), user_boxes, False, -1)
-        timer = _Timer(backend)
+        opts = self.thresholds(SegmentOptions())
+        item = self.core.prepare(np.moveaxis(batch[0], 0, -1), user_boxes, None, -1)
+        timer = Timer(self.backend)
         with self._device_lock:
-            embedding = backend.encoder(item.model_input)
-            finder = None
-            if item.user_boxes is None:
-                logits, raw_boxes = backend.cellfinder(item.finder_input)
-                finder = (logits[0], raw_boxes[0])
-            boxes_model, _, painter, kept, _ = self._boxes_and_masks(embedding, finder, item, opts, timer, False)
-            if len(kept) == 0:
+            self.core.embed([item], [timer])
+            decoded = self.core.decode(item, opts, timer, False)
+            if len(decoded.kept) == 0:
                 return None, None, None, None
-            masks = self._binary_masks(embedding, boxes_model[torch.from_numpy(kept).to(boxes_model.device)],
-                                       (item.height, item.width), opts)
-        labels = painter.result().cpu().numpy().astype(np.int64)
-        size = backend.config.image_size
-        scale_back = np.array([item.width / size, item.height / size] * 2, dtype=np.float32)
-        boxes = boxes_model.cpu().numpy()[kept] * scale_back if item.user_boxes is None else item.user_boxes[kept]
-        return labels, masks, embedding, boxes.astype(np.float32)
+            kept_boxes = decoded.boxes_model[torch.from_numpy(decoded.kept).to(decoded.boxes_model.device)]
+            masks = self._binary_masks(item.embedding, kept_boxes, (item.height, item.width), opts)
+        labels = decoded.painter.result().cpu().numpy().astype(np.int64)
+        boxes = self.core.image_boxes(item, decoded.boxes_model, decoded.kept)
+        return labels, masks, item.embedding, boxes.astype(np.float32)
 
     def _binary_masks(self, embedding, boxes_model, out_shape: tuple[int, int], opts: InferenceConfig) -> np.ndarray:
         """(K, H, W) uint8: each box's mask alone. The painted label image keeps only the top

@@ -9,23 +9,28 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from . import memory
-from . import postprocess as post
-from . import preprocess as pre
 from .config import InferenceConfig
-from .memory import fit_chunk_size, release_freed_host_memory
-from .runtime.base import Backend, OutOfDeviceMemory, is_out_of_memory
+from .core import (  # noqa: F401  (SegmentationDetails and validate_boxes: kept importable from here)
+    FinderOutput,
+    GraphCore,
+    PreparedImage,
+    SegmentationDetails,
+    Timer,
+    validate_boxes,
+)
+from .memory import release_freed_host_memory
+from .options import SegmentOptions
+from .runtime.base import Backend
 
 if TYPE_CHECKING:
     from .embedding import ImageEmbedding
@@ -37,92 +42,6 @@ class NoCellsWarning(UserWarning):
     """segment() found nothing to label; the result is all zeros."""
 
 
-@dataclass
-class SegmentationDetails:
-    """What segment(return_details=True) returns beside the labels.
-
-    Attributes:
-        boxes: (K, 4) float32 xyxy in image pixels of the masks that passed the IoU filter,
-            in decoding order (mask k was painted with label k+1 before clean-up).
-        scores: (K,) float32 CellFinder score of each (NaN for user boxes).
-        iou: (K,) float32 predicted mask IoU.
-        labels_of_boxes: (K,) int32 final label of each box's mask (0: removed by clean-up
-            or fully covered by later masks).
-        embedding: (1, C, 64, 64) float32 image embedding.
-        num_candidates: boxes sent to the decoder (before the IoU filter).
-        timings: seconds per stage.
-        backend: the backend that ran ("torch", "onnxruntime" or "tensorrt").
-        path: "whole": the image ran as one model input (larger images return
-            ``tiling.TiledDetails``, whose ``path`` is "tiled").
-    """
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    iou: np.ndarray
-    labels_of_boxes: np.ndarray
-    embedding: np.ndarray
-    num_candidates: int
-    timings: dict[str, float] = field(default_factory=dict)
-    backend: str = ""
-    path: str = "whole"
-
-
-@dataclass
-class _Prepared:
-    """One image, formatted and validated, with its model inputs (1, 3, S, S)."""
-
-    height: int
-    width: int
-    user_boxes: np.ndarray | None
-    model_input: Tensor | None  # None for an embedded image (the encoder has run)
-    finder_input: Tensor | None
-
-
-class _Timer:
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self.timings: dict[str, float] = {}
-
-    def stage(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.backend.synchronize()
-                timer.timings[name] = timer.timings.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Stage()
-
-
-def validate_boxes(boxes: Any, height: int, width: int) -> np.ndarray:
-    """User boxes (N, 4) x1, y1, x2, y2 in image pixels -> float32 array; ValueError if invalid."""
-    try:
-        arr = np.asarray(boxes)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"boxes: cannot be read as an (N, 4) array ({err})") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) and not np.iscomplexobj(arr)):
-        raise ValueError(f"boxes: expected real numbers, got dtype {arr.dtype}")
-    if arr.shape in ((0,), (0, 4)):  # [] or an (0, 4) array: no boxes
-        return np.zeros((0, 4), dtype=np.float32)
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise ValueError(f"boxes: expected shape (N, 4) as x1, y1, x2, y2, got {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError("boxes: contain NaN or infinite values")
-    x1, y1, x2, y2 = arr.T
-    bad = np.flatnonzero((x2 < x1) | (y2 < y1))
-    if len(bad):
-        raise ValueError(f"boxes: x2 < x1 or y2 < y1 in rows {bad[:10].tolist()} (expected x1, y1, x2, y2)")
-    out = np.flatnonzero((x1 < 0) | (y1 < 0) | (x2 > width) | (y2 > height))
-    if len(out):
-        raise ValueError(
-            f"boxes: rows {out[:10].tolist()} reach outside the {width}x{height} (W x H) image"
-        )
-    return arr.astype(np.float32)
-
-
 class CellSAM:
     """A loaded CellSAM that segments many images without reloading weights.
 
@@ -132,6 +51,10 @@ class CellSAM:
 
     >>> session = CellSAM.from_checkpoint("cellsam_general.pt", device="cuda")  # doctest: +SKIP
     >>> labels = session.segment(image)                                          # doctest: +SKIP
+
+    Every segmenting method takes the call's settings (``SegmentOptions``: normalize,
+    bbox_threshold, postprocess, remove_boundaries, chunk_size, channel_axis, tile_size,
+    overlap, batch_size, block, progress) as keywords or as ``options=SegmentOptions(...)``.
 
     Args:
         backend: a ``Backend`` (torch, onnxruntime or tensorrt) holding the graphs.
@@ -145,6 +68,7 @@ class CellSAM:
         self.backend = backend
         self.options = options or InferenceConfig(chunk_size=backend.default_chunk_size)
         self._device_lock = threading.Lock()
+        self.core = GraphCore(backend, self._device_lock)
 
     @classmethod
     def from_checkpoint(
@@ -183,22 +107,9 @@ class CellSAM:
 
         return cls(TorchBackend(network, device=device), options)
 
-    def segment(
-        self,
-        image: Any,
-        *,
-        boxes: Any = None,
-        bbox_threshold: float | None = None,
-        normalize: bool | str = True,
-        postprocess: bool = False,
-        remove_boundaries: bool = False,
-        chunk_size: int | None = None,
-        channel_axis: int | None = None,
-        return_details: bool = False,
-        progress: bool = False,
-        tile_size: int | None = 1024,
-        overlap: int = 128,
-    ) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
+    def segment(self, image: Any, *, boxes: Any = None, return_details: bool = False,
+                options: SegmentOptions | None = None, **settings: Any,
+                ) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
         """Segment cells.
 
         Args:
@@ -207,94 +118,82 @@ class CellSAM:
                 Or an ``ImageEmbedding`` from ``embed``: no preprocessing and no encoder call
                 (the options of those steps are the embedding's), the same labels.
             boxes: optional (N, 4) x1, y1, x2, y2 in image pixels; skips CellFinder.
-            bbox_threshold: CellFinder confidence weight (default 0.4).
-            normalize: percentile clip + CLAHE first: True (scikit-image CLAHE, as the
-                released default) or "opencv" (OpenCV's CLAHE: 2-3x faster on that step, not
-                bit-identical; ``cellsam-trt bench`` reports the deviation). With False, the
-                image must already lie in [0, 1].
-            postprocess: the released optional morphological clean-up.
-            remove_boundaries: zero a one-pixel outline around each cell.
-            chunk_size: boxes per decoder call (default: the backend's, 256; 4 for torch on the CPU).
-            channel_axis: axis of the channels for 3-D input (default: the smallest axis).
             return_details: also return a ``SegmentationDetails``.
-            progress: show a progress bar over decoder chunks.
-            tile_size, overlap: an image with a side longer than ``tile_size`` (default 1024,
-                the model input) is segmented in overlapping tiles at native scale and
-                stitched (``tiling.segment_large``, as the CLI does; memory bounded, see its
-                ``stream``), instead of being resized into one model input where cells would
-                shrink below a pixel. ``tile_size=None`` forces the whole-image path (the
-                released code's behaviour, bit-identical to it). With ``return_details`` the
-                tiled path returns ``tiling.TiledDetails`` (``details.path == "tiled"``).
+            options, **settings: the call's ``SegmentOptions`` (keywords replace its fields):
+                bbox_threshold: CellFinder confidence weight (default 0.4).
+                normalize: percentile clip + CLAHE first: True (scikit-image CLAHE, as the
+                    released default) or "opencv" (OpenCV's CLAHE: 2-3x faster on that step,
+                    not bit-identical; ``cellsam-trt bench`` reports the deviation). With
+                    False, the image must already lie in [0, 1].
+                postprocess: the released optional morphological clean-up.
+                remove_boundaries: zero a one-pixel outline around each cell.
+                chunk_size: boxes per decoder call (default: the backend's, 256; 4 for torch
+                    on the CPU).
+                channel_axis: axis of the channels for 3-D input (default: the smallest axis).
+                progress: show a progress bar over decoder chunks (over tiles when tiled).
+                tile_size, overlap: an image with a side longer than ``tile_size`` (default
+                    1024, the model input) is segmented in overlapping tiles at native scale
+                    and stitched (``tiling.segment_large``, as the CLI does; memory bounded,
+                    see its ``stream``), instead of being resized into one model input where
+                    cells would shrink below a pixel. ``tile_size=None`` forces the
+                    whole-image path (the released code's behaviour, bit-identical to it).
+                    With ``return_details`` the tiled path returns ``tiling.TiledDetails``
+                    (``details.path == "tiled"``).
+                batch_size, block: tiles per graph call and the normalisation's region
+                    side on the tiled path.
 
         Returns:
             labels (H, W) int32: 0 background, cells 1..K (uint32 above 65535 cells on the
             tiled path). With ``return_details``, a tuple.
         """
         from .embedding import ImageEmbedding
-        from .tiling import check_tiling
 
+        opts = SegmentOptions.of(options, **settings)
         if isinstance(image, ImageEmbedding):
-            return self._segment_embedded(image, boxes, bbox_threshold, postprocess, remove_boundaries, chunk_size,
-                                          return_details, progress)
-        shape = _spatial_shape(image, channel_axis)
-        if tile_size is not None:
-            check_tiling(tile_size, 0)
-        if tile_size is not None and shape is not None and max(shape) > tile_size:
-            from .tiling import segment_large
+            item = self._embedded_item(image, boxes)
+            labels, details = self._run_one(item, Timer(self.backend), opts, return_details, release=False)
+        else:
+            shape = _spatial_shape(image, opts.channel_axis)
+            if opts.tile_size is not None and shape is not None and max(shape) > opts.tile_size:
+                from .tiling import segment_large
 
-            return segment_large(self, image, tile_size=tile_size, overlap=overlap, boxes=boxes,
-                                 bbox_threshold=bbox_threshold, normalize=normalize, postprocess=postprocess,
-                                 remove_boundaries=remove_boundaries, chunk_size=chunk_size,
-                                 channel_axis=channel_axis, return_details=return_details, progress=progress)
-        _check_whole_image_memory(shape, "segment() of a {}x{} image as one model input",
-                                  "free memory" if tile_size is not None else
-                                  "leave tile_size at its default to segment it in tiles (memory then bounded by a "
-                                  "few tiles)")
-        opts = self._options(bbox_threshold, chunk_size)
-        backend = self.backend
-        timer = _Timer(backend)
-
-        with timer.stage("preprocess"):
-            item = self._prepare(image, boxes, normalize, channel_axis)
-
-        with self._device_lock:
-            with timer.stage("encoder"):
-                embedding = backend.encoder(item.model_input)
-            finder = None
-            if item.user_boxes is None:
-                with timer.stage("cellfinder"):
-                    logits, raw_boxes = backend.cellfinder(item.finder_input)
-                    finder = (logits[0], raw_boxes[0])
-            decoded = self._boxes_and_masks(embedding, finder, item, opts, timer, progress)
-
-        labels, details = self._finish(embedding, item, decoded, opts, timer, postprocess, remove_boundaries, return_details)
-        del embedding, decoded
-        self._release_host_memory()
+                return segment_large(self, image, boxes=boxes, return_details=return_details, options=opts)
+            _check_whole_image_memory(shape, "segment() of a {}x{} image as one model input",
+                                      "free memory" if opts.tile_size is not None else
+                                      "leave tile_size at its default to segment it in tiles (memory then bounded "
+                                      "by a few tiles)")
+            timer = Timer(self.backend)
+            with timer.stage("preprocess"):
+                item = self.core.prepare(image, boxes, opts.clahe, opts.channel_axis)
+            labels, details = self._run_one(item, timer, opts, return_details, release=True)
         if not labels.any():
             warnings.warn("No cells detected in the image; returning all-zero labels.", NoCellsWarning, stacklevel=2)
         return (labels, details) if return_details else labels
 
-    def embed(self, image: Any, *, normalize: bool | str = True, channel_axis: int | None = None,
-              cellfinder: bool = True, cache_dir: str | os.PathLike | None = None) -> ImageEmbedding:
+    def embed(self, image: Any, *, cellfinder: bool = True, cache_dir: str | os.PathLike | None = None,
+              options: SegmentOptions | None = None, **settings: Any) -> ImageEmbedding:
         """Preprocess an image and run the encoder (and CellFinder) once, for many ``segment``
         or ``interactive.Annotation`` calls on it.
 
         The image is one model input, as ``segment(image, tile_size=None)`` takes it.
 
         Args:
-            image, normalize, channel_axis: as ``segment``.
+            image: as ``segment``.
             cellfinder: also run CellFinder, so that ``segment(embedding)`` without boxes
                 works (False: user boxes only, one graph call less).
             cache_dir: a folder of saved embeddings: one saved there for this image (same
                 content, options and weights) is loaded instead of computed, and a computed
                 one is saved there.
+            options, **settings: ``SegmentOptions``; ``normalize`` and ``channel_axis`` apply
+                here (the rest apply to the ``segment`` calls on the embedding).
 
         Returns:
             an ``ImageEmbedding`` (embedding on the backend's device; ``nbytes`` says its size).
         """
         from .embedding import ImageEmbedding, embedding_key, image_key
 
-        key = image_key(image, pre.clahe_method(normalize), channel_axis)
+        opts = SegmentOptions.of(options, **settings)
+        key = image_key(image, opts.clahe, opts.channel_axis)
         weights = self.backend.weights_identity()
         path = None
         if cache_dir is not None:
@@ -305,77 +204,50 @@ class CellSAM:
                     log.info("embedding %s was saved without CellFinder's outputs; computing again", path)
                 else:
                     return saved
-        _check_whole_image_memory(_spatial_shape(image, channel_axis), "embed() of a {}x{} image", "free memory")
-        # empty user boxes: _prepare skips CellFinder's input
-        item = self._prepare(image, None if cellfinder else np.zeros((0, 4), np.float32), normalize, channel_axis)
-        backend = self.backend
+        _check_whole_image_memory(_spatial_shape(image, opts.channel_axis), "embed() of a {}x{} image",
+                                  "free memory")
+        # empty user boxes: prepare skips CellFinder's input
+        item = self.core.prepare(image, None if cellfinder else np.zeros((0, 4), np.float32), opts.clahe,
+                                 opts.channel_axis)
         with self._device_lock:
-            embedding = backend.encoder(item.model_input)
-            finder = None
-            if cellfinder:
-                logits, raw_boxes = backend.cellfinder(item.finder_input)
-                finder = (logits[0], raw_boxes[0])
-        out = ImageEmbedding(embedding, item.height, item.width, finder, key, weights)
+            self.core.embed([item], [Timer(self.backend)])
+        finder = None if item.finder is None else (item.finder.logits, item.finder.boxes)
+        out = ImageEmbedding(item.embedding, item.height, item.width, finder, key, weights)
         if path is not None:
             out.save(path)
         self._release_host_memory()
         return out
-
-    def _segment_embedded(self, embedded: ImageEmbedding, boxes: Any, bbox_threshold: float | None,
-                          postprocess: bool, remove_boundaries: bool, chunk_size: int | None, return_details: bool,
-                          progress: bool) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
-        """``segment`` on an embedding: boxes (CellFinder's, from the embedding, or the user's), decoder, clean-up."""
-        backend = self.backend
-        embedded.check_made_by(backend, "image")
-        user_boxes = None if boxes is None else validate_boxes(boxes, embedded.height, embedded.width)
-        if user_boxes is None and embedded.finder is None:
-            raise ValueError("boxes: this embedding was made with embed(..., cellfinder=False); pass boxes= or "
-                             "embed the image with cellfinder=True")
-        opts = self._options(bbox_threshold, chunk_size)
-        timer = _Timer(backend)
-        item = _Prepared(embedded.height, embedded.width, user_boxes, None, None)
-        embedding = embedded.embedding.to(backend.device)
-        finder = None if user_boxes is not None else tuple(t.to(backend.device) for t in embedded.finder)
-        with self._device_lock:
-            decoded = self._boxes_and_masks(embedding, finder, item, opts, timer, progress)
-        labels, details = self._finish(embedding, item, decoded, opts, timer, postprocess, remove_boundaries,
-                                       return_details)
-        if not labels.any():
-            warnings.warn("No cells detected in the image; returning all-zero labels.", NoCellsWarning, stacklevel=3)
-        return (labels, details) if return_details else labels
 
     def segment_batch(
         self,
         images: Sequence[Any],
         *,
         boxes: Sequence[Any] | None = None,
-        bbox_threshold: float | None = None,
-        normalize: bool | str = True,
-        postprocess: bool = False,
-        remove_boundaries: bool = False,
-        chunk_size: int | None = None,
-        channel_axis: int | None = None,
         return_details: bool = False,
         warn_empty: bool = True,
+        options: SegmentOptions | None = None,
+        **settings: Any,
     ) -> list[np.ndarray] | list[tuple[np.ndarray, SegmentationDetails]]:
         """Segment several images with ONE batched encoder call and ONE batched CellFinder call.
 
         Each image gets exactly what ``segment`` would compute for it alone (same
         preprocessing, thresholds and clean-up; batched graph calls may differ from single
         ones in the last float bits). Images may differ in size: each is squashed to the
-        model input on its own. Tiles of a large image (``cellsam_trt.tiling``) come here.
+        model input on its own (``tile_size`` does not apply here). Tiles of a large image
+        (``cellsam_trt.tiling``) and frames of a stack come here.
 
         Args:
             images: B images, each as ``segment`` accepts.
             boxes: None, or B entries each None (CellFinder) or (N_i, 4) user boxes.
             warn_empty: emit a ``NoCellsWarning`` per image without cells.
-            other arguments: as ``segment``, applied to every image.
+            options, **settings: as ``segment``, applied to every image.
 
         Returns:
             B label images (H_i, W_i) int32, or B (labels, details) tuples. In each
             ``details.timings`` the encoder and cellfinder times are the batch's time
             divided by the number of images that went through that graph.
         """
+        opts = SegmentOptions.of(options, **settings)
         images = list(images)
         if boxes is None:
             boxes = [None] * len(images)
@@ -385,55 +257,63 @@ class CellSAM:
                 raise ValueError(f"boxes: expected one entry per image ({len(images)}), got {len(boxes)}")
         if not images:
             return []
-        opts = self._options(bbox_threshold, chunk_size)
-        backend = self.backend
-        timers = [_Timer(backend) for _ in images]
+        timers = [Timer(self.backend) for _ in images]
         items = []
         for index, (image, user_boxes) in enumerate(zip(images, boxes)):
             with timers[index].stage("preprocess"):
                 try:
-                    items.append(self._prepare(image, user_boxes, normalize, channel_axis))
+                    items.append(self.core.prepare(image, user_boxes, opts.clahe, opts.channel_axis))
                 except ValueError as err:
                     raise ValueError(f"images[{index}]: {err}") from None
-
-        finder_index = [i for i, item in enumerate(items) if item.user_boxes is None]
-        with self._device_lock:
-            t0 = time.perf_counter()
-            embeddings = backend.encoder(torch.cat([item.model_input for item in items]))
-            backend.synchronize()
-            _share(timers, range(len(items)), "encoder", time.perf_counter() - t0)
-            finder: dict[int, tuple[Tensor, Tensor]] = {}
-            if finder_index:
-                t0 = time.perf_counter()
-                logits, raw_boxes = backend.cellfinder(torch.cat([items[i].finder_input for i in finder_index]))
-                backend.synchronize()
-                _share(timers, finder_index, "cellfinder", time.perf_counter() - t0)
-                finder = {i: (logits[j], raw_boxes[j]) for j, i in enumerate(finder_index)}
-            decoded = [
-                self._boxes_and_masks(embeddings[i:i + 1], finder.get(i), item, opts, timers[i], False)
-                for i, item in enumerate(items)
-            ]
-
-        results = []
-        for i, item in enumerate(items):
-            labels, details = self._finish(
-                embeddings[i:i + 1], item, decoded[i], opts, timers[i], postprocess, remove_boundaries, return_details,
-            )
-            if warn_empty and not labels.any():
+        results = self.core.run(items, self.thresholds(opts), timers, postprocess=opts.postprocess,
+                                remove_boundaries=opts.remove_boundaries, return_details=return_details)
+        del items
+        self._release_host_memory()
+        out = []
+        for i, result in enumerate(results):
+            if warn_empty and not result.labels.any():
                 warnings.warn(f"No cells detected in image {i} of the batch; returning all-zero labels.",
                               NoCellsWarning, stacklevel=2)
-            results.append((labels, details) if return_details else labels)
-        del embeddings, decoded
-        self._release_host_memory()
-        return results
+            out.append((result.labels, result.details) if return_details else result.labels)
+        return out
 
-    def segment_stack(self, stack: Any, *, axes: str | None = None, batch_size: int = 4, **options: Any) -> Any:
+    def segment_stack(self, stack: Any, *, axes: str | None = None, **options: Any) -> Any:
         """Segment every frame of a time-lapse / z-stack on its own, frames batched through the
         graphs: labels with the input's axes without C (e.g. (T, H, W) for axes "TCYX"), each
         frame labelled 1..K_f. See ``stack.segment_stack`` for the arguments."""
         from .stack import segment_stack
 
-        return segment_stack(self, stack, axes=axes, batch_size=batch_size, **options)
+        return segment_stack(self, stack, axes=axes, **options)
+
+    def thresholds(self, opts: SegmentOptions) -> InferenceConfig:
+        """The session's ``InferenceConfig`` with a call's overrides; decoder chunks no larger
+        than the backend takes."""
+        inference = opts.thresholds(self.options)
+        if self.backend.max_decoder_boxes is not None:
+            inference = replace(inference, chunk_size=min(inference.chunk_size, self.backend.max_decoder_boxes))
+        return inference
+
+    def _run_one(self, item: PreparedImage, timer: Timer, opts: SegmentOptions, return_details: bool,
+                 release: bool) -> tuple[np.ndarray, SegmentationDetails | None]:
+        [result] = self.core.run([item], self.thresholds(opts), [timer], postprocess=opts.postprocess,
+                                 remove_boundaries=opts.remove_boundaries, return_details=return_details,
+                                 progress=opts.progress)
+        del item
+        if release:
+            self._release_host_memory()
+        return result.labels, result.details
+
+    def _embedded_item(self, embedded: ImageEmbedding, boxes: Any) -> PreparedImage:
+        """An ``ImageEmbedding`` as a prepared image whose graphs have run."""
+        device = self.backend.device
+        embedded.check_made_by(self.backend, "image")
+        user_boxes = None if boxes is None else validate_boxes(boxes, embedded.height, embedded.width)
+        if user_boxes is None and embedded.finder is None:
+            raise ValueError("boxes: this embedding was made with embed(..., cellfinder=False); pass boxes= or "
+                             "embed the image with cellfinder=True")
+        finder = None if user_boxes is not None else FinderOutput(*(t.to(device) for t in embedded.finder))
+        return PreparedImage(embedded.height, embedded.width, user_boxes, None, None,
+                             embedding=embedded.embedding.to(device), finder=finder)
 
     def _release_host_memory(self) -> None:
         # On the CPU the graphs' activations were host memory: give the freed pages back
@@ -441,138 +321,10 @@ class CellSAM:
         if self.backend.device.type == "cpu":
             release_freed_host_memory()
 
-    def _prepare(self, image: Any, boxes: Any, normalize: bool | str, channel_axis: int | None) -> _Prepared:
-        """Validate and format one image; build both model inputs (the CellFinder one only without user boxes)."""
-        backend = self.backend
-        size = backend.config.image_size
-        method = pre.clahe_method(normalize)
-        image3 = pre.format_image(image, channel_axis=channel_axis)
-        height, width = image3.shape[:2]
-        user_boxes = None if boxes is None else validate_boxes(boxes, height, width)
-        if method is not None:
-            image3 = pre.normalize_image(image3, method)
-        elif image3.min() < 0 or image3.max() > 1:
-            raise ValueError(
-                f"image: with normalize=False values must lie in [0, 1], found [{image3.min():g}, {image3.max():g}]"
-            )
-        tensor = pre.to_tensor(image3)
-        model_input = pre.embedding_input(tensor, size, backend.adapted_inputs)
-        finder_input = pre.cellfinder_input(tensor, size, backend.adapted_inputs) if user_boxes is None else None
-        return _Prepared(height, width, user_boxes, model_input, finder_input)
-
-    def _boxes_and_masks(self, embedding: Tensor, finder: tuple[Tensor, Tensor] | None, item: _Prepared,
-                         opts: InferenceConfig, timer: _Timer, progress: bool) -> tuple:
-        """Boxes in model space (CellFinder's, thresholded, or the user's), then decoded and painted masks."""
-        backend = self.backend
-        size = backend.config.image_size
-        if finder is not None:
-            with timer.stage("cellfinder"):
-                scores, boxes_model = post.score_boxes(finder[0], finder[1], size)
-                scores, boxes_model = post.select_boxes(scores, boxes_model, opts.bbox_threshold)
-        else:
-            scale = np.array([size / item.width, size / item.height] * 2, dtype=np.float32)
-            boxes_model = torch.from_numpy(item.user_boxes * scale).to(backend.device)
-            scores = torch.full((len(item.user_boxes),), float("nan"), device=backend.device)
-        with timer.stage("decoder"):
-            painter, kept, kept_iou = self._decode(embedding, boxes_model, (item.height, item.width), opts, progress)
-        return boxes_model, scores, painter, kept, kept_iou
-
-    def _finish(self, embedding: Tensor, item: _Prepared, decoded: tuple, opts: InferenceConfig, timer: _Timer,
-                postprocess: bool, remove_boundaries: bool, return_details: bool,
-                ) -> tuple[np.ndarray, SegmentationDetails | None]:
-        """Clean-up of the painted labels, and the details."""
-        boxes_model, scores, painter, kept, kept_iou = decoded
-        with timer.stage("postprocess"):
-            labels = painter.result().cpu().numpy()
-            dropped = len(boxes_model) - len(kept)
-            if dropped:
-                log.info("%d of %d masks dropped: predicted IoU below %s", dropped, len(boxes_model), opts.iou_threshold)
-            if postprocess:
-                labels = post.morphological_postprocess(labels)
-            before = labels.copy() if return_details else None
-            labels = post.fill_holes_and_remove_small(labels, opts.min_size)
-            if remove_boundaries:
-                labels = post.remove_boundaries(labels)
-        if not return_details:
-            return labels, None
-        size = self.backend.config.image_size
-        scale_back = np.array([item.width / size, item.height / size] * 2, dtype=np.float32)
-        details = SegmentationDetails(
-            boxes=boxes_model.cpu().numpy()[kept] * scale_back if item.user_boxes is None else item.user_boxes[kept],
-            scores=scores.cpu().numpy()[kept],
-            iou=kept_iou,
-            labels_of_boxes=_labels_of_boxes(before, labels, len(kept)),
-            embedding=embedding.cpu().numpy(),
-            num_candidates=len(boxes_model),
-            timings=timer.timings,
-            backend=self.backend.name,
-        )
-        return labels, details
-
-    def _decode(self, embedding: Tensor, boxes: Tensor, out_shape: tuple[int, int], opts: InferenceConfig,
-                progress: bool) -> tuple[post.MaskPainter, np.ndarray, np.ndarray]:
-        """Decode all boxes in chunks and paint the masks passing the IoU filter.
-
-        Returns the painter, the indices of the kept boxes and their IoU predictions. A chunk
-        that runs out of device memory is retried at half the size (masks are painted with
-        max(), so re-painting part of a chunk changes nothing); only a single box that does
-        not fit is an error.
-        """
-        backend = self.backend
-        painter = post.MaskPainter(
-            out_shape, low_res=backend.config.sam.low_res_size, model_size=backend.config.image_size,
-            mask_threshold=opts.mask_threshold, device=backend.device,
-        )
-        chunk = fit_chunk_size(backend.config, backend.device, *out_shape, opts.chunk_size) if len(boxes) else 1
-        kept_index, kept_iou = [], []
-        next_label, start = 1, 0
-        bar = _progress(len(boxes), chunk, progress)
-        while start < len(boxes):
-            part = boxes[start:start + chunk]
-            try:
-                mask_logits, iou = backend.decoder(embedding, part, last_call=start + len(part) >= len(boxes))
-                keep = iou[:, 0] >= opts.iou_threshold
-                # labels follow the kept order, so chunks are painted in order
-                painter.paint(mask_logits[keep, 0], next_label)
-            except RuntimeError as err:
-                # the backend's OutOfDeviceMemory, or the painter's own allocations failing
-                if not (isinstance(err, OutOfDeviceMemory) or is_out_of_memory(err)):
-                    raise
-                if chunk == 1:
-                    raise MemoryError(f"one box does not fit in device memory on {backend.device}: {err}") from None
-                chunk = max(1, chunk // 2)
-                log.warning("decoder ran out of device memory; retrying with %d boxes per call", chunk)
-                continue
-            kept_index.append(torch.nonzero(keep)[:, 0].cpu().numpy() + start)
-            kept_iou.append(iou[keep, 0].cpu().numpy())
-            next_label += len(kept_index[-1])
-            start += len(part)
-            if bar is not None:
-                bar.update(len(part))
-        if bar is not None:
-            bar.close()
-        if not kept_index:
-            return painter, np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return painter, np.concatenate(kept_index), np.concatenate(kept_iou)
-
-    def _options(self, bbox_threshold: float | None, chunk_size: int | None) -> InferenceConfig:
-        opts = self.options
-        if bbox_threshold is not None:
-            if not pre.is_real_number(bbox_threshold) or not 0 <= bbox_threshold <= 1:
-                raise ValueError(f"bbox_threshold: expected a number in [0, 1], got {bbox_threshold!r}")
-            opts = replace(opts, bbox_threshold=float(bbox_threshold))
-        if chunk_size is not None:
-            if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-                raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
-            opts = replace(opts, chunk_size=int(chunk_size))
-        if self.backend.max_decoder_boxes is not None:
-            opts = replace(opts, chunk_size=min(opts.chunk_size, self.backend.max_decoder_boxes))
-        return opts
-
 
 def _spatial_shape(image: Any, channel_axis: int | None) -> tuple[int, int] | None:
     """(H, W) of an image, or None for input the whole-image path rejects (it says why)."""
-    from .tiling import ImageSource
+    from .tile_grid import ImageSource
 
     try:
         return ImageSource(image, channel_axis).shape
@@ -586,31 +338,6 @@ def _check_whole_image_memory(shape: tuple[int, int] | None, what: str, remedy: 
     if shape is not None:
         memory.check_host_memory(shape[0] * shape[1] * memory.WHOLE_IMAGE_BYTES_PER_PIXEL, what.format(*shape), remedy)
 
-
-def _share(timers: list[_Timer], indices, stage: str, seconds: float) -> None:
-    """Spread the time of one batched graph call evenly over the images that took part."""
-    indices = list(indices)
-    for i in indices:
-        timers[i].timings[stage] = timers[i].timings.get(stage, 0.0) + seconds / len(indices)
-
-
-def _progress(total: int, chunk: int, enabled: bool):
-    if not enabled or total <= chunk:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="decoding boxes", unit="box")
-
-
-def _labels_of_boxes(before: np.ndarray, after: np.ndarray, count: int) -> np.ndarray:
-    """Final label of each painted mask: the label that its pixels carry after clean-up."""
-    out = np.zeros(count, dtype=np.int32)
-    fg = before > 0
-    pairs = np.unique(np.stack([before[fg], after[fg]]), axis=1) if fg.any() else np.zeros((2, 0), int)
-    for original, final in pairs.T:
-        if final > 0 and 1 <= original <= count:
-            out[original - 1] = final
-    return out
 
 
 _SESSION_LOCK = threading.Lock()
@@ -674,14 +401,14 @@ def segment(
     backend: str = "auto",
     device: str | torch.device | None = None,
     boxes: Any = None,
-    bbox_threshold: float | None = None,
     return_details: bool = False,
+    options: SegmentOptions | None = None,
     onnx_dir: Any = None,
     engine_dir: Any = None,
     cache: Any = None,
     build: bool | None = None,
     download: bool = False,
-    **options: Any,
+    **settings: Any,
 ) -> np.ndarray | tuple[np.ndarray, SegmentationDetails]:
     """Segment cells in one image with the fastest backend this machine has.
 
@@ -697,7 +424,6 @@ def segment(
         backend: "auto" (TensorRT, else ONNX Runtime, else torch), or one of them by name.
         device: torch device (default: CUDA when available).
         boxes: optional (N, 4) x1, y1, x2, y2 in image pixels (skips CellFinder).
-        bbox_threshold: CellFinder confidence weight (default: the session's, 0.4).
         return_details: also return ``SegmentationDetails`` (``details.backend`` names the
             backend that ran).
         onnx_dir, engine_dir: use these export / engine folders instead of the cache.
@@ -705,13 +431,15 @@ def segment(
         build: allow making missing graphs / engines (default: yes, unless
             ``CELLSAM_TRT_NO_BUILD=1``).
         download: fetch the released weights when absent.
-        **options: forwarded to ``CellSAM.segment`` (normalize, postprocess, chunk_size, ...).
+        options, **settings: the call's ``SegmentOptions`` (bbox_threshold, normalize,
+            postprocess, remove_boundaries, chunk_size, channel_axis, tile_size, overlap,
+            progress, ...), as ``CellSAM.segment``.
 
     Returns:
         labels (H, W) int32, or (labels, details).
     """
     session = _session_for(checkpoint, model, backend, device, onnx_dir, engine_dir, cache, build, download)
-    return session.segment(image, boxes=boxes, bbox_threshold=bbox_threshold, return_details=return_details, **options)
+    return session.segment(image, boxes=boxes, return_details=return_details, options=options, **settings)
 
 
 def segment_stack(

@@ -32,12 +32,8 @@ Multi-node (SLURM, dask-jobqueue), one GPU per worker process::
                  checkpoint="/shared/cellsam_general.pt", backend="tensorrt")
 
 Input, checkpoint (or engines) and output must be on a file system every worker sees.
-GPU pinning: a worker uses ``device`` when it names one (``"cuda:1"``); otherwise, with a
-single visible GPU (SLURM's ``--gpus-per-task``) that one; with dask-cuda's per-worker
-``CUDA_VISIBLE_DEVICES`` (worker 1 of 4 sees "1,2,3,0": its own GPU first) the first
-visible one, ``cuda:0``; else (every GPU visible in their natural order) GPU ``i % count``
-where ``i`` is the trailing number of the worker name (LocalCluster: 0, 1, ...;
-dask-jobqueue: the process index in its job).
+GPU pinning: see ``cellsam_trt.workers`` (one GPU per worker, chosen from the worker's
+name and ``CUDA_VISIBLE_DEVICES``).
 With ``threads_per_worker=2`` one tile batch is preprocessed while another uses the GPU
 (the session serialises device work).
 """
@@ -47,7 +43,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -57,240 +52,35 @@ from typing import Any
 
 import numpy as np
 
-from . import preprocess as pre
-from .tiling import (
+from .config import InferenceConfig
+from .large_normalize import (
     ChannelNorm,
-    ImageSource,
-    TiledDetails,
-    TileGrid,
-    TileResult,
-    _combine_tables,
-    assign_boxes,
     channel_statistics,
-    check_tiling,
     clahe_region,
-    compaction_table,
     finish_normalization,
     finish_statistics,
-    label_dtype,
     merge_statistics,
-    paint_tile,
     region_extremes,
-    regions,
-    resolve_band,
-    scale_clahe,
-    segment_tile_batch,
-    tile_batches,
     top_count,
+)
+from .options import SegmentOptions
+from .stitch import TiledDetails, TileResult, compaction_table, label_dtype, paint_tile
+from .tile_grid import ImageSource, TileGrid, regions
+from .tiling import TiledRun
+from .workers import (  # noqa: F401  (the workers' names, kept importable from here)
+    PLUGIN_PREFIX,
+    CellSAMWorkerPlugin,
+    InProcessClient,
+    prepare_workers,
+    runner,
+    visible_devices_reordered,
+    worker_device,
+    worker_session,
 )
 
 log = logging.getLogger(__name__)
 
-PLUGIN_PREFIX = "cellsam-trt-session-"
 SCRATCH = "_scratch"
-
-try:  # the plugin base class; without distributed only segment_dask is unavailable
-    from distributed.diagnostics.plugin import WorkerPlugin as _PluginBase
-except ImportError:  # pragma: no cover - distributed is in the [dask] extra
-    _PluginBase = object
-
-
-# ----------------------------------------------------------------------------- workers
-
-def visible_devices_reordered() -> bool:
-    """True when ``CUDA_VISIBLE_DEVICES`` names several GPUs in an order chosen for this
-    process, as dask-cuda does: it rotates the list per worker ("0,1,2,3", "1,2,3,0", ...),
-    so each worker's own GPU comes first and is its ``cuda:0``.
-
-    GPU indices in ascending order are taken as the natural order (every worker sees the
-    same list; dask-cuda's worker 0 sees it too, and ``cuda:0`` is right for it either way).
-    A list of UUIDs (``GPU-...``, ``MIG-...``) has no natural order; it is taken as a
-    per-worker list, since setting one by hand for a whole cluster is rare.
-    """
-    entries = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
-    if len(entries) < 2:
-        return False
-    if all(e.isdigit() for e in entries):
-        indices = [int(e) for e in entries]
-        return indices != sorted(indices)
-    return True
-
-
-def worker_device(requested: str | None, worker_name: Any) -> str:
-    """The device a worker should use (see module docstring, GPU pinning).
-
-    Args:
-        requested: ``device`` given to ``segment_dask`` (None: automatic).
-        worker_name: the dask worker's name.
-    """
-    import torch
-
-    if requested not in (None, "cuda"):
-        return str(requested)
-    if not torch.cuda.is_available():
-        if requested == "cuda":
-            from .runtime import BackendError
-
-            raise BackendError("device: CUDA was requested but this worker sees no CUDA GPU")
-        return "cpu"
-    count = torch.cuda.device_count()
-    if count == 1 or visible_devices_reordered():
-        return "cuda:0"
-    match = re.search(r"(\d+)$", str(worker_name))
-    if match is None:
-        log.warning("worker %r: cannot tell which of %d GPUs to use; using cuda:0 "
-                    "(set CUDA_VISIBLE_DEVICES per worker, e.g. with dask-cuda)", worker_name, count)
-        return "cuda:0"
-    return f"cuda:{int(match.group(1)) % count}"
-
-
-class CellSAMWorkerPlugin(_PluginBase):
-    """Loads one ``CellSAM`` session per worker, once, when the plugin is registered (or the
-    worker starts). Tasks find it with ``worker_session(name)``.
-
-    Args:
-        checkpoint: weights file (or engine folder) every worker can read; None: the default
-            location of the released weights.
-        backend, device, backend_options: as ``CellSAM.from_checkpoint`` (device None: see
-            ``worker_device``). With "auto" (default) each worker takes the graphs or engines
-            from the artifact cache; workers asking for the same missing entry make it once
-            (a file lock), the others wait and reuse it. On a cluster, put the cache on a
-            shared file system (``CELLSAM_TRT_CACHE``) and fill it beforehand with
-            ``cellsam-trt export`` (and ``build-engines`` on a GPU node).
-        options: ``InferenceConfig`` thresholds.
-        torch_threads: torch intra-op threads for the worker's process (CPU workers: cores
-            per worker; in-process workers share one setting).
-    """
-
-    idempotent = True  # registering the same configuration again keeps the loaded sessions
-
-    def __init__(self, checkpoint: str | None = None, backend: str = "auto", device: str | None = None,
-                 backend_options: dict | None = None, options: Any = None, torch_threads: int | None = None) -> None:
-        self.checkpoint = None if checkpoint is None else str(checkpoint)
-        self.torch_threads = torch_threads
-        self.backend = backend
-        self.device = device
-        self.backend_options = dict(backend_options or {})
-        self.options = options
-        self.session = None
-        self.loads = 0
-        self.name = PLUGIN_PREFIX + self.fingerprint()
-
-    def fingerprint(self) -> str:
-        """Hash of the configuration (and of the checkpoint file's size and mtime)."""
-        stat = None
-        if self.checkpoint is not None and os.path.exists(self.checkpoint):
-            st = os.stat(self.checkpoint)
-            stat = (st.st_size, st.st_mtime_ns)
-        key = json.dumps([self.checkpoint, stat, self.backend, self.device, self.backend_options, repr(self.options),
-                          self.torch_threads],
-                         sort_keys=True, default=str)
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-    def setup(self, worker: Any = None) -> None:
-        import torch
-
-        from .pipeline import CellSAM
-
-        device = worker_device(self.device, getattr(worker, "name", None))
-        if self.torch_threads:
-            torch.set_num_threads(int(self.torch_threads))
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
-        self.session = CellSAM.from_checkpoint(self.checkpoint, backend=self.backend, device=device,
-                                               options=self.options, **self.backend_options)
-        self.loads += 1
-        log.info("worker %s: CellSAM loaded on %s", getattr(worker, "name", "?"), device)
-
-    def teardown(self, worker: Any = None) -> None:
-        self.session = None
-
-
-def worker_session(name: str) -> Any:
-    """The ``CellSAM`` session the plugin ``name`` loaded on the current worker (or that an
-    ``InProcessClient`` holds under that name)."""
-    if name in _IN_PROCESS_SESSIONS:
-        return _IN_PROCESS_SESSIONS[name]
-    from distributed import get_worker
-
-    plugin = get_worker().plugins.get(name)
-    if plugin is None or plugin.session is None:
-        raise RuntimeError(f"no CellSAM session on this worker (plugin {name} not set up)")
-    return plugin.session
-
-
-def prepare_workers(client: Any, checkpoint: str | os.PathLike | None = None, *, backend: str = "auto",
-                    device: str | None = None, backend_options: dict | None = None, options: Any = None,
-                    torch_threads: int | None = None) -> str:
-    """Register the session plugin (each worker loads the model once); returns its name.
-
-    Calling it again with the same configuration does not reload anything.
-    """
-    if isinstance(client, InProcessClient):
-        return client.plugin_name  # the session is already loaded, in this process
-    if checkpoint is not None and not Path(checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint: no file at {checkpoint}")
-    plugin = CellSAMWorkerPlugin(None if checkpoint is None else str(Path(checkpoint).resolve()), backend, device,
-                                 backend_options, options, torch_threads)
-    client.register_plugin(plugin, name=plugin.name)
-    return plugin.name
-
-
-# sessions of InProcessClient objects, by plugin name (tasks look them up like a worker's)
-_IN_PROCESS_SESSIONS: dict[str, Any] = {}
-
-
-class _Task:
-    """A task an ``InProcessClient`` runs when its results are gathered (in order)."""
-
-    def __init__(self, fn, args, kwargs) -> None:
-        self.fn, self.args, self.kwargs = fn, args, kwargs
-
-    def run(self) -> Any:
-        fn, args, kwargs = self.fn, self.args, self.kwargs
-        self.fn = self.args = self.kwargs = None  # what a task holds goes when it has run
-        return fn(*args, **kwargs)
-
-
-class InProcessClient:
-    """The part of a ``distributed.Client`` that ``segment_dask`` uses, run in this process.
-
-    Tasks run one after another, in submission order, when their results are gathered, so
-    at most one task's data is in memory at a time: with it, ``segment_dask``'s phases (and
-    their scratch zarr stores) bound the memory of a tiled run by a few tiles plus the
-    model, without dask.distributed. ``tiling.segment_large`` uses it for images whose
-    in-memory run would not fit.
-
-    Args:
-        session: the ``CellSAM`` that segments the tiles. Its name in the run's key is this
-            session object's, so ``resume`` finishes a run only from the same process.
-    """
-
-    def __init__(self, session: Any) -> None:
-        self.plugin_name = PLUGIN_PREFIX + f"local-{id(session):x}"
-        _IN_PROCESS_SESSIONS[self.plugin_name] = session
-
-    def close(self) -> None:
-        _IN_PROCESS_SESSIONS.pop(self.plugin_name, None)
-
-    def __enter__(self) -> InProcessClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def scatter(self, data: Any, broadcast: bool = True, hash: bool = True) -> Any:
-        return data
-
-    def submit(self, fn, *args, pure: bool = True, workers: Any = None, allow_other_workers: bool = False,
-               **kwargs) -> _Task:
-        return _Task(fn, args, kwargs)
-
-    def map(self, fn, *iterables, pure: bool = True, **kwargs) -> list[_Task]:
-        return [_Task(fn, args, kwargs) for args in zip(*iterables)]
-
-    def scheduler_info(self) -> dict:
-        return {"workers": {}}
 
 
 # ------------------------------------------------------------------------------- tasks
@@ -301,64 +91,42 @@ def _open(path: str, mode: str = "r"):
     return zarr.open_array(path, mode=mode)
 
 
-def _task_statistics(source: ImageSource, region: tuple[int, int, int, int], keep: int):
-    return channel_statistics(source.read(*region), keep)
+def _task_statistics(run: TiledRun, region: tuple[int, int, int, int], keep: int):
+    return channel_statistics(run.source.read(*region), keep)
 
 
-def _task_clahe(source: ImageSource, region: tuple[int, int, int, int], norm, path: str, method: str):
+def _task_clahe(run: TiledRun, region: tuple[int, int, int, int], norm, path: str):
     y0, y1, x0, x1 = region
-    part = clahe_region(source, norm, y0, y1, x0, x1, method)
+    part = clahe_region(run.source, norm, y0, y1, x0, x1, run.options.clahe)
     _open(path, "r+")[y0:y1, x0:x1] = part
     return region_extremes(part)
 
 
 def save_table(path: str | os.PathLike, r: TileResult) -> None:
-    """One tile's cell table (everything but its labels) as .npz, atomically; no pickles."""
-    from .io import atomic_write
-
-    ids = sorted(r.band)
-    corners = np.array([[r.band[k][0], r.band[k][1], *r.band[k][2].shape] for k in ids], np.int64).reshape(-1, 4)
-    masks = np.concatenate([r.band[k][2].ravel() for k in ids]) if ids else np.zeros(0, bool)
-    arrays = dict(index=r.index, count=r.count, num_candidates=r.num_candidates, boxes=r.boxes, scores=r.scores,
-                  iou=r.iou, cut=r.cut, inside=r.inside, depth=r.depth, band_ids=np.array(ids, np.int64),
-                  band_corners=corners, band_masks=masks)
-    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+    """One tile's cell table (everything but its labels) as .npz (``TileResult.save``)."""
+    r.save(path)
 
 
 def load_table(path: str | os.PathLike) -> TileResult:
-    """The table ``save_table`` wrote (labels stay in the scratch zarr: ``labels`` is None)."""
-    with np.load(path, allow_pickle=False) as z:
-        band, start = {}, 0
-        for k, (y0, x0, h, w) in zip(z["band_ids"].tolist(), z["band_corners"].tolist()):
-            band[k] = (y0, x0, z["band_masks"][start:start + h * w].reshape(h, w))
-            start += h * w
-        return TileResult(int(z["index"]), None, int(z["count"]), z["boxes"], z["scores"], z["iou"], z["cut"],
-                          int(z["num_candidates"]), z["inside"], z["depth"], band)
+    """The table ``save_table`` wrote (``TileResult.load``; ``labels`` is None)."""
+    return TileResult.load(path)
 
 
 def _table_path(tables_dir: str, index: int) -> str:
     return os.path.join(tables_dir, f"tile-{index:06d}.npz")
 
 
-def _task_tiles(plugin: str, source: ImageSource, grid: TileGrid, batch: list[int], norm, clahe_path: str | None,
-                tiles_path: str, tables_dir: str, tile_boxes: dict | None, options: dict) -> list[TileResult]:
-    session = worker_session(plugin)
-    if clahe_path is None:
-        def read_tile(t):
-            return source.read(t.y0, t.y1, t.x0, t.x1)
-    else:
-        clahe = _open(clahe_path)
-
-        def read_tile(t):
-            return scale_clahe(np.asarray(clahe[t.y0:t.y1, t.x0:t.x1]), norm)
-    results = segment_tile_batch(session, grid, batch, read_tile, tile_boxes, **options)
+def _task_tiles(plugin: str, run: TiledRun, batch: list[int], norm, clahe_path: str | None, tiles_path: str,
+                tables_dir: str) -> list[TileResult]:
+    read_tile = run.reader(None if clahe_path is None else _open(clahe_path), norm)
+    results = run.segment_tiles(worker_session(plugin), batch, read_tile)
     tiles = _open(tiles_path, "r+")
     for r in results:
         if r.count:
             tiles[r.index] = r.labels
         r.labels = None  # only the small table goes back
         # after the labels: a table on disk means the tile is done (resume=True reuses it)
-        save_table(_table_path(tables_dir, r.index), r)
+        r.save(_table_path(tables_dir, r.index))
     return results
 
 
@@ -391,57 +159,20 @@ def _task_relabel(labels_path: str, region: tuple[int, int, int, int], lut: np.n
 
 # ------------------------------------------------------------------------------ driver
 
-def _as_source(image: Any, channel_axis: int | None, scratch: str, client: Any) -> ImageSource:
+def _as_source(image: Any, channel_axis: int | None, scratch: str, tasks: Any) -> ImageSource:
     if isinstance(image, ImageSource):
         return image
     if isinstance(image, (str, os.PathLike)):
         return ImageSource.from_path(image, channel_axis)
     if type(image).__module__.startswith("dask"):
         # a lazy dask array: materialise it once, chunk-wise, where the workers can read it
-        import dask.array as da
         import zarr
 
         path = f"{scratch}/input"
         target = zarr.create_array(path, shape=image.shape, chunks=image.chunksize, dtype=image.dtype, overwrite=True)
-        if isinstance(client, InProcessClient):
-            da.store(image, target, lock=False)
-        else:
-            client.compute(da.store(image, target, lock=False, compute=False)).result()
+        tasks.store(image, target)
         return ImageSource(zarr.open_array(path, mode="r"), channel_axis)
     return ImageSource(image, channel_axis)
-
-
-def _gather(client: Any, futures: list, desc: str, progress: bool) -> list:
-    """Results in submission order; cancels the rest on the first error."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(futures), desc=desc, unit="task")
-    if isinstance(client, InProcessClient):
-        try:
-            results = []
-            for task in futures:
-                results.append(task.run())
-                if bar is not None:
-                    bar.update(1)
-            return results
-        finally:
-            if bar is not None:
-                bar.close()
-    from distributed import as_completed
-
-    try:
-        for _ in as_completed(futures):
-            if bar is not None:
-                bar.update(1)
-        return client.gather(futures)
-    except BaseException:
-        client.cancel(futures)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def segment_dask(
@@ -453,24 +184,15 @@ def segment_dask(
     backend: str = "auto",
     device: str | None = None,
     backend_options: dict | None = None,
-    options: Any = None,
+    inference: InferenceConfig | None = None,
     torch_threads: int | None = None,
-    tile_size: int = 1024,
-    overlap: int = 128,
-    batch_size: int = 4,
-    block: int = 2048,
     boxes: Any = None,
-    bbox_threshold: float | None = None,
-    normalize: bool | str = True,
-    postprocess: bool = False,
-    remove_boundaries: bool = False,
-    chunk_size: int | None = None,
-    channel_axis: int | None = None,
     overwrite: bool = False,
     resume: bool = False,
     keep_scratch: bool = False,
     return_details: bool = False,
-    progress: bool = False,
+    options: SegmentOptions | InferenceConfig | None = None,
+    **settings: Any,
 ) -> Any:
     """Segment a large image on a dask.distributed cluster; labels go to a zarr store.
 
@@ -478,17 +200,17 @@ def segment_dask(
         image: a path (TIFF / OME-TIFF, .npy, .zarr, PNG; read lazily where the format
             allows; workers open it themselves), a numpy array (sent to the workers once),
             a zarr array, or a dask array (stored to the scratch space first).
-        client: a ``distributed.Client``; None: the current client, or a LocalCluster with
-            one worker per GPU (one CPU worker without GPUs) for the duration of the call.
+        client: a ``distributed.Client`` (or a ``workers.InProcessClient``); None: the
+            current client, or a LocalCluster with one worker per GPU (one CPU worker
+            without GPUs) for the duration of the call.
         output: zarr group to create: ``labels`` (H, W) int32 (uint32 above 65535 cells),
             chunked ``block`` x ``block``; ``cells/boxes|scores|iou|tile`` per label (row k is
             label k + 1); attributes with the settings and counts.
-        checkpoint, backend, device, backend_options, options, torch_threads: what each worker
-            loads (once; see ``CellSAMWorkerPlugin``).
-        tile_size, overlap, batch_size, boxes, bbox_threshold, normalize, postprocess,
-            remove_boundaries, chunk_size, channel_axis: as ``tiling.segment_large``; the
-            result is identical to it (same tiles, batches and stitching).
-        block: side of the normalisation regions and of the output chunks.
+        checkpoint, backend, device, backend_options, torch_threads: what each worker loads
+            (once; see ``CellSAMWorkerPlugin``).
+        inference: the workers' thresholds (``InferenceConfig``; an ``InferenceConfig``
+            passed as ``options`` is taken as this, as before).
+        boxes: optional (N, 4) x1, y1, x2, y2 in image pixels, as ``tiling.segment_large``.
         overwrite: replace an existing ``output``.
         resume: finish a run into ``output`` that failed or was killed: the normalisation
             and every tile batch it completed are reused (tiles are written to the scratch
@@ -497,18 +219,22 @@ def segment_dask(
             (path, size and mtime; content hash for numpy arrays) or other weights.
         keep_scratch: keep the intermediate CLAHE image and tile labels (``_scratch``).
         return_details: also return ``TiledDetails``.
-        progress: progress bars per phase.
+        options, **settings: the call's ``SegmentOptions`` (tile_size, overlap, batch_size,
+            bbox_threshold, normalize, postprocess, remove_boundaries, chunk_size,
+            channel_axis, progress: per phase; block: side of the normalisation regions and
+            of the output chunks), as ``tiling.segment_large``; the result is identical to
+            it (same tiles, batches and stitching).
 
     Returns:
         the ``labels`` zarr array (and ``TiledDetails`` with ``return_details``).
     """
     import zarr
 
-    check_tiling(tile_size, overlap)
-    method = pre.clahe_method(normalize)
-    for name, value, low in (("batch_size", batch_size, 1), ("block", block, 256)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    if isinstance(options, InferenceConfig):
+        inference, options = options, None
+    opts = SegmentOptions.of(options, **settings)
+    if opts.tile_size is None:
+        raise ValueError("tile_size: segment_dask needs a tile side (an integer >= 64), got None")
     output = str(Path(output).resolve())
     if overwrite and resume:
         raise ValueError("overwrite/resume: give one of them, not both")
@@ -519,12 +245,14 @@ def segment_dask(
     own_cluster = None
     if client is None:
         client, own_cluster = _default_client()
+    tasks = runner(client)
     try:
-        plugin = prepare_workers(client, checkpoint, backend=backend, device=device,
-                                 backend_options=backend_options, options=options, torch_threads=torch_threads)
-        run_key = _run_key(image, channel_axis, plugin, boxes, dict(
-            tile_size=tile_size, overlap=overlap, batch_size=batch_size, block=block, bbox_threshold=bbox_threshold,
-            normalize=method, postprocess=bool(postprocess), chunk_size=chunk_size))
+        plugin = tasks.load_sessions(checkpoint, backend=backend, device=device, backend_options=backend_options,
+                                     options=inference, torch_threads=torch_threads)
+        run_key = _run_key(image, opts.channel_axis, plugin, boxes, dict(
+            tile_size=opts.tile_size, overlap=opts.overlap, batch_size=opts.batch_size, block=opts.block,
+            bbox_threshold=opts.bbox_threshold, normalize=opts.clahe, postprocess=opts.postprocess,
+            chunk_size=opts.chunk_size))
         root = _open_run(output, run_key, resume)
         if root.attrs.get("complete"):
             log.info("resume: %s is already complete", output)
@@ -533,22 +261,20 @@ def segment_dask(
         tables_dir = os.path.join(scratch, "tables")
         os.makedirs(tables_dir, exist_ok=True)
         if root.attrs.get("input_stored"):
-            source = ImageSource(zarr.open_array(f"{scratch}/input", mode="r"), channel_axis)
+            source = ImageSource(zarr.open_array(f"{scratch}/input", mode="r"), opts.channel_axis)
         else:
-            source = _as_source(image, channel_axis, scratch, client)
+            source = _as_source(image, opts.channel_axis, scratch, tasks)
             root.attrs["input_stored"] = type(image).__module__.startswith("dask")
         height, width = source.shape
-        grid = TileGrid.plan(height, width, tile_size, overlap)
+        run = TiledRun.plan(source, opts, boxes)
+        grid = run.grid
         timings: dict[str, float] = {}
-        from .pipeline import validate_boxes
-
-        user_boxes = None if boxes is None else validate_boxes(boxes, height, width)
-        blocks = regions(height, width, block)
-        # a numpy image travels to each worker once, not with every task
-        source_arg = client.scatter(source, broadcast=True, hash=False) if _in_memory(source) else source
+        blocks = regions(height, width, opts.block)
+        # the run (with a numpy image) travels to each worker once, not with every task
+        run_arg = tasks.share(run)
 
         norm, clahe_path = None, None
-        if method is not None:
+        if opts.clahe is not None:
             t0 = time.perf_counter()
             clahe_path = f"{scratch}/clahe"
             if "norm" in root.attrs:  # an interrupted run finished this phase
@@ -556,22 +282,20 @@ def segment_dask(
             else:
                 keep = top_count(height, width)
                 stats = None
-                futures = client.map(_task_statistics, [source_arg] * len(blocks), blocks, keep=keep, pure=False)
-                for part in _gather(client, futures, "statistics", progress):
+                futures = tasks.map(_task_statistics, [run_arg] * len(blocks), blocks, keep=keep)
+                for part in tasks.gather(futures, "statistics", opts.progress):
                     stats = merge_statistics(stats, part, keep)
                 norm = finish_statistics(stats)
-                zarr.create_array(clahe_path, shape=(height, width, 3), chunks=(block, block, 3), dtype="uint16",
-                                  fill_value=0, overwrite=True)
-                futures = client.map(_task_clahe, [source_arg] * len(blocks), blocks, norm=norm, path=clahe_path,
-                                     method=method, pure=False)
-                extremes = _gather(client, futures, "normalisation", progress)
+                zarr.create_array(clahe_path, shape=(height, width, 3), chunks=(opts.block, opts.block, 3),
+                                  dtype="uint16", fill_value=0, overwrite=True)
+                futures = tasks.map(_task_clahe, [run_arg] * len(blocks), blocks, norm=norm, path=clahe_path)
+                extremes = tasks.gather(futures, "normalisation", opts.progress)
                 norm = finish_normalization(norm, [e[0] for e in extremes], [e[1] for e in extremes])
                 root.attrs["norm"] = [asdict(n) for n in norm]
             timings["normalize"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        tile_boxes = None if user_boxes is None else assign_boxes(grid, user_boxes)
-        active = list(range(len(grid))) if tile_boxes is None else sorted(tile_boxes)
+        active = run.active
         tiles_path = f"{scratch}/tiles"
         if "tiles" not in root[SCRATCH]:
             zarr.create_array(tiles_path, shape=(len(grid), grid.tile_height, grid.tile_width),
@@ -579,62 +303,45 @@ def segment_dask(
         # whole batches only: a batch's graph calls are batched, so redoing part of one could
         # change the last float bits of its tiles against an uninterrupted run
         done = {i for i in active if os.path.exists(_table_path(tables_dir, i))}
-        batches = [b for b in tile_batches(active, batch_size) if not set(b) <= done]
+        batches = [b for b in run.batches() if not set(b) <= done]
         if done:
             log.info("resume: %d of %d tiles already segmented", len(done), len(active))
-        seg_options = dict(bbox_threshold=bbox_threshold, chunk_size=chunk_size, postprocess=postprocess)
-        # Tile batches are the GPU work: start them round-robin on the workers so every GPU is
-        # busy from the first batch on (the scheduler would otherwise favour the worker holding
-        # the scattered image); the restriction is loose, so a lost worker's tiles move on.
-        workers = sorted(client.scheduler_info()["workers"])
-        futures = [
-            client.submit(_task_tiles, plugin, source_arg, grid, batch, norm, clahe_path, tiles_path, tables_dir,
-                          None if tile_boxes is None else {i: tile_boxes[i] for i in batch}, seg_options, pure=False,
-                          workers=[workers[k % len(workers)]] if workers else None, allow_other_workers=True)
-            for k, batch in enumerate(batches)
-        ]
-        fresh = {r.index: r for batch_results in _gather(client, futures, "tiles", progress) for r in batch_results}
-        tables = [fresh[i] if i in fresh else load_table(_table_path(tables_dir, i)) for i in active]
+        futures = tasks.spread(_task_tiles, [(plugin, run_arg, batch, norm, clahe_path, tiles_path, tables_dir)
+                                             for batch in batches])
+        fresh = {r.index: r for batch_results in tasks.gather(futures, "tiles", opts.progress) for r in batch_results}
+        tables = [fresh[i] if i in fresh else TileResult.load(_table_path(tables_dir, i)) for i in active]
         timings["tiles"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        resolve_band(tables)
-        offsets, total = {}, 0
-        for r in tables:  # raster order = id order, as in segment_large
-            if r.count:
-                offsets[r.index] = total
-            total += r.count
+        offsets, total = run.resolve(tables)
         dtype = label_dtype(total)
         labels_path = f"{output}/labels"
-        zarr.create_array(labels_path, shape=(height, width), chunks=(block, block), dtype=dtype.name,
+        zarr.create_array(labels_path, shape=(height, width), chunks=(opts.block, opts.block), dtype=dtype.name,
                           fill_value=0, overwrite=True)
-        out_blocks = regions(height, width, block)
-        luts = client.scatter([{r.index: r.lut for r in tables if r.count}], broadcast=True, hash=False)[0]
-        futures = client.map(_task_stitch, [grid] * len(out_blocks), [tiles_path] * len(out_blocks),
-                             [labels_path] * len(out_blocks), [offsets] * len(out_blocks), [luts] * len(out_blocks),
-                             out_blocks, remove_boundaries=remove_boundaries, dtype=dtype.name, pure=False)
-        present = np.unique(np.concatenate(_gather(client, futures, "stitching", progress)))
+        out_blocks = regions(height, width, opts.block)
+        luts = tasks.share({r.index: r.lut for r in tables if r.count})
+        futures = tasks.map(_task_stitch, [grid] * len(out_blocks), [tiles_path] * len(out_blocks),
+                            [labels_path] * len(out_blocks), [offsets] * len(out_blocks), [luts] * len(out_blocks),
+                            out_blocks, remove_boundaries=opts.remove_boundaries, dtype=dtype.name)
+        present = np.unique(np.concatenate(tasks.gather(futures, "stitching", opts.progress)))
         lut = compaction_table(present, total)
         if lut is not None:
-            lut_arg = client.scatter(lut, broadcast=True, hash=False)
-            futures = client.map(_task_relabel, [labels_path] * len(out_blocks), out_blocks, lut=lut_arg,
-                                 dtype=dtype.name, pure=False)
-            _gather(client, futures, "renumbering", progress)
-        details = _combine_tables(tables, lut, grid, total, timings)
+            lut_arg = tasks.share(lut)
+            futures = tasks.map(_task_relabel, [labels_path] * len(out_blocks), out_blocks, lut=lut_arg,
+                                dtype=dtype.name)
+            tasks.gather(futures, "renumbering", opts.progress)
+        details = run.details(tables, lut, total, timings)
         timings["stitch"] = time.perf_counter() - t0
 
         _write_cells(root, details)
         root.attrs.update({
             "num_cells": details.num_cells, "cut_cells": details.cut_cells, "num_candidates": details.num_candidates,
-            "tile_size": tile_size, "overlap": overlap, "tiles": len(grid), "normalize": method is not None,
-            "clahe": method,
+            "tile_size": opts.tile_size, "overlap": opts.overlap, "tiles": len(grid),
+            "normalize": opts.clahe is not None, "clahe": opts.clahe,
             "shape": [height, width], "timings": timings, "complete": True,
         })
         if not keep_scratch and SCRATCH in root:
             del root[SCRATCH]
-        if details.cut_cells:
-            log.warning("%d cells touch an inner tile edge in the tile they were taken from and may be cut; "
-                        "raise overlap (now %d)", details.cut_cells, overlap)
         labels = zarr.open_array(labels_path, mode="r")
         return (labels, details) if return_details else labels
     finally:
@@ -691,14 +398,10 @@ def _stored_result(root: Any, output: str, return_details: bool) -> Any:
     a = root.attrs
     cells = {name: np.asarray(root[f"cells/{name}"][...]) for name in ("boxes", "scores", "iou", "tile")}
     grid = TileGrid.plan(*a["shape"], a["tile_size"], a["overlap"])
-    details = TiledDetails(cells["boxes"], cells["scores"], cells["iou"], cells["tile"], grid, a["num_candidates"],
-                           a["cut_cells"], dict(a["timings"]))
+    details = TiledDetails(boxes=cells["boxes"], scores=cells["scores"], iou=cells["iou"], tile_of_cell=cells["tile"],
+                           grid=grid, num_candidates=a["num_candidates"], cut_cells=a["cut_cells"],
+                           timings=dict(a["timings"]))
     return labels, details
-
-
-def _in_memory(source: ImageSource) -> bool:
-    return getattr(source, "_opener", None) is None and isinstance(source.array, np.ndarray) \
-        and not isinstance(source.array, np.memmap)
 
 
 def _write_cells(root: Any, details: TiledDetails) -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from .axes import Layout, resolve_layout
+from .options import SegmentOptions
 
 
 def frame_indices(layout: Layout) -> list[tuple[int, ...]]:
@@ -39,19 +41,19 @@ FrameResult = tuple[tuple[int, ...], np.ndarray, Any]
 
 
 def segment_frames(session: Any, read: Callable[[tuple[int, ...]], np.ndarray], indices: Iterable[tuple[int, ...]],
-                   *, batch_size: int = 4, tile_size: int | None = 1024, overlap: int = 128,
-                   return_details: bool = False, **options: Any) -> Iterator[FrameResult]:
+                   *, return_details: bool = False, options: SegmentOptions | None = None,
+                   **settings: Any) -> Iterator[FrameResult]:
     """Segment frames; yields (index, labels (H, W) int32, details or None) in the order of ``indices``.
 
     Args:
         read: index -> frame (Y, X) or (Y, X, C) numpy array.
-        batch_size: frames per batched encoder / CellFinder call.
-        tile_size, overlap: frames with a side longer than ``tile_size`` are tiled (as
-            ``CellSAM.segment``); None segments every frame whole.
-        options: as ``CellSAM.segment`` (normalize, bbox_threshold, postprocess, ...).
+        options, **settings: the ``SegmentOptions`` of every frame (normalize,
+            bbox_threshold, postprocess, ...): ``batch_size`` frames per batched encoder /
+            CellFinder call; frames with a side longer than ``tile_size`` are tiled (as
+            ``CellSAM.segment``; None segments every frame whole). The channel axis is the
+            frame's last (``read`` returns Y, X[, C]).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    opts = SegmentOptions.of(options, **settings)
     from .pipeline import NoCellsWarning
 
     pending: list[tuple[tuple[int, ...], np.ndarray]] = []
@@ -59,31 +61,30 @@ def segment_frames(session: Any, read: Callable[[tuple[int, ...]], np.ndarray], 
     def flush() -> Iterator[FrameResult]:
         if not pending:
             return
-        results = session.segment_batch([f for _, f in pending], channel_axis=-1 if pending[0][1].ndim == 3 else None,
-                                        return_details=True, warn_empty=False, **options)
+        results = session.segment_batch([f for _, f in pending], return_details=True, warn_empty=False,
+                                        options=opts, channel_axis=-1 if pending[0][1].ndim == 3 else None)
         for (index, _), (labels, details) in zip(pending, results):
             yield index, labels, details if return_details else None
         pending.clear()
 
     for index in indices:
         frame = read(index)
-        if tile_size is not None and max(frame.shape[:2]) > tile_size:
+        if opts.tile_size is not None and max(frame.shape[:2]) > opts.tile_size:
             yield from flush()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NoCellsWarning)  # reported once for the stack
-                labels, details = session.segment(frame, channel_axis=-1 if frame.ndim == 3 else None,
-                                                  tile_size=tile_size, overlap=overlap, return_details=True, **options)
+                labels, details = session.segment(frame, return_details=True, options=opts,
+                                                  channel_axis=-1 if frame.ndim == 3 else None)
             yield index, labels, details if return_details else None
             continue
         pending.append((index, frame))
-        if len(pending) >= batch_size:
+        if len(pending) >= opts.batch_size:
             yield from flush()
     yield from flush()
 
 
-def segment_stack(session: Any, stack: Any, *, axes: str | None = None, batch_size: int = 4,
-                  tile_size: int | None = 1024, overlap: int = 128, progress: bool = False,
-                  return_details: bool = False, **options: Any) -> np.ndarray | tuple[np.ndarray, list]:
+def segment_stack(session: Any, stack: Any, *, axes: str | None = None, return_details: bool = False,
+                  options: SegmentOptions | None = None, **settings: Any) -> np.ndarray | tuple[np.ndarray, list]:
     """Segment every frame of a stack (time-lapse, z-stack, or both) on its own.
 
     Args:
@@ -92,18 +93,18 @@ def segment_stack(session: Any, stack: Any, *, axes: str | None = None, batch_si
             are used when ``axes`` is None).
         axes: one letter per dimension: T and/or Z (stack axes), optional C (at most 3
             channels), Y and X (Y before X), e.g. "TYX", "ZYX", "TCYX", "TZYXC".
-        batch_size: frames per batched encoder / CellFinder call (frames no larger than
-            ``tile_size``).
-        tile_size, overlap: as ``CellSAM.segment``: larger frames are tiled.
-        progress: a progress bar over frames.
         return_details: also return one details object per frame, in C order of the stack
             axes.
-        options: as ``CellSAM.segment`` (normalize, bbox_threshold, postprocess, ...).
+        options, **settings: the ``SegmentOptions`` of every frame, as ``CellSAM.segment``:
+            ``batch_size`` frames per batched encoder / CellFinder call (frames no larger
+            than ``tile_size``; larger frames are tiled), ``progress`` a bar over frames,
+            normalize, bbox_threshold, postprocess, ...
 
     Returns:
         labels int32 with the input's axes without C (e.g. (T, H, W) for "TCYX"); each
         frame labelled 0 background, cells 1..K_f. With ``return_details``, a tuple.
     """
+    opts = SegmentOptions.of(options, **settings)
     from .io import ImageFile
     from .pipeline import NoCellsWarning
 
@@ -119,14 +120,14 @@ def segment_stack(session: Any, stack: Any, *, axes: str | None = None, batch_si
     details: list = []
     empty: list[tuple[int, ...]] = []
     bar = None
-    if progress:
+    if opts.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(indices), desc="segmenting frames", unit="frame")
     try:
         for index, frame_labels, frame_details in segment_frames(
-                session, lambda i: read_frame(stack, layout, i), indices, batch_size=batch_size,
-                tile_size=tile_size, overlap=overlap, return_details=return_details, **options):
+                session, lambda i: read_frame(stack, layout, i), indices, return_details=return_details,
+                options=replace(opts, progress=False)):
             labels[index] = frame_labels
             if not frame_labels.any():
                 empty.append(index)

@@ -89,8 +89,8 @@ def test_frames_are_batched_and_placed_by_axes():
     assert fake.calls == [("batch", 4, None), ("batch", 2, None)]
 
     fake = _FakeSession()
-    big = np.zeros((3, 2, 40, 30), np.uint16)  # T C Y X; frames larger than the tile size go alone
-    quiet(segment_stack, fake, big, axes="TCYX", batch_size=4, tile_size=32)
+    big = np.zeros((3, 2, 80, 70), np.uint16)  # T C Y X; frames larger than the tile size go alone
+    quiet(segment_stack, fake, big, axes="TCYX", batch_size=4, tile_size=64, overlap=16)
     assert fake.calls == [("tiled", 1, -1)] * 3
     with pytest.raises(ValueError, match="axes"):
         segment_stack(fake, big)
