@@ -234,8 +234,8 @@ class GraphCore:
         size = backend.config.image_size
         if item.user_boxes is None:
             with timer.stage("cellfinder"):
-                scores, boxes_model = post.score_boxes(item.finder.logits, item.finder.boxes, size)
-                scores, boxes_model = post.select_boxes(scores, boxes_model, opts.bbox_threshold)
+                scores, boxes_model = post.cellfinder_boxes(item.finder.logits, item.finder.boxes, size,
+                                                            opts.bbox_threshold)
         else:
             scale = np.array([size / item.width, size / item.height] * 2, dtype=np.float32)
             boxes_model = torch.from_numpy(item.user_boxes * scale).to(backend.device)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import postprocess as post
 from .embedding import ImageEmbedding
+from .options import SegmentOptions
 
 _NOTHING = (slice(0, 0), slice(0, 0))
 
@@ -88,9 +89,11 @@ class Annotation:
         self._cells: dict[int, _Cell] = {}  # cell number -> what it needs, in number (= adding) order
         self._next = 1
         self.decoder_calls = 0
+        # the session's thresholds, decoder chunks capped at what its backend takes (as segment)
+        self._thresholds = session.thresholds(SegmentOptions())
         self._painter = post.MaskPainter(
             (embedded.height, embedded.width), low_res=backend.config.sam.low_res_size,
-            model_size=backend.config.image_size, mask_threshold=session.options.mask_threshold, device=backend.device)
+            model_size=backend.config.image_size, mask_threshold=self._thresholds.mask_threshold, device=backend.device)
         # the clean-up of the painted labels, in cell numbers (0 background), and the cells it
         # numbers (as the released clean-up does, ids can have gaps where a fill covered a cell)
         self._cleaned = np.zeros((embedded.height, embedded.width), np.int32)
@@ -150,10 +153,9 @@ class Annotation:
                              "embed the image again with cellfinder=True")
         annotation = cls(session, embedded)
         size = session.backend.config.image_size
-        threshold = session.options.bbox_threshold if bbox_threshold is None else bbox_threshold
+        threshold = annotation._thresholds.bbox_threshold if bbox_threshold is None else bbox_threshold
         logits, boxes = (t.to(session.backend.device) for t in embedded.finder)
-        scores, boxes_model = post.score_boxes(logits, boxes, size)
-        scores, boxes_model = post.select_boxes(scores, boxes_model, threshold)
+        scores, boxes_model = post.cellfinder_boxes(logits, boxes, size, threshold)
         scale_back = np.array([embedded.width / size, embedded.height / size] * 2, np.float32)
         annotation._decode(boxes_model.cpu().numpy() * scale_back, boxes_model, scores.float().cpu().numpy())
         annotation._done.clear()  # the starting point, not an edit
@@ -166,7 +168,7 @@ class Annotation:
         height, width = self.embedded.height, self.embedded.width
         backend = self.session.backend
         boxes_model = boxes_model.to(backend.device)
-        chunk = fit_chunk_size(backend.config, backend.device, height, width, self.session.options.chunk_size)
+        chunk = fit_chunk_size(backend.config, backend.device, height, width, self._thresholds.chunk_size)
         numbers, steps, changed = [], [], []
         for start in range(0, len(boxes), chunk):
             part = boxes[start:start + chunk]
@@ -175,7 +177,7 @@ class Annotation:
                                               last_call=start + chunk >= len(boxes))
             self.decoder_calls += 1
             iou = iou[:, 0].float().cpu().numpy()
-            keep = np.flatnonzero(iou >= self.session.options.iou_threshold)
+            keep = np.flatnonzero(iou >= self._thresholds.iou_threshold)
             # kept masks take consecutive numbers, as in one call, and are painted together
             windows = self._painter.paint(logits[torch.from_numpy(keep).to(logits.device), 0], self._next)
             number = dict(zip(keep.tolist(), range(self._next, self._next + len(keep))))
@@ -322,7 +324,7 @@ class Annotation:
         rows, cols = slice(int(region[0]), int(region[1])), slice(int(region[2]), int(region[3]))
         # a copy: on the CPU .numpy() shares the painter's memory, and the clean-up works in place
         painted = self._painter.result()[rows, cols].cpu().numpy().copy()
-        kept = post.fill_holes_and_remove_small_kept(painted, self.session.options.min_size, renumber=False)
+        kept = post.fill_holes_and_remove_small_kept(painted, self._thresholds.min_size, renumber=False)
         self._cleaned[rows, cols] = painted
         # a cell counts (takes an id) when it passes at its turn, even if a later fill covers it
         self._kept.difference_update(reached)

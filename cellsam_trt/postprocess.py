@@ -85,6 +85,13 @@ def select_boxes(scores: Tensor, boxes: Tensor, bbox_threshold: float) -> tuple[
     return scores, boxes
 
 
+def cellfinder_boxes(logits: Tensor, boxes: Tensor, image_size: int, bbox_threshold: float) -> tuple[Tensor, Tensor]:
+    """CellFinder's boxes for one image as segmentation uses them: ``score_boxes`` then
+    ``select_boxes``. Returns scores (K,) and boxes (K, 4) xyxy in model-input pixels."""
+    scores, boxes_model = score_boxes(logits, boxes, image_size)
+    return select_boxes(scores, boxes_model, bbox_threshold)
+
+
 def resize_matrix(low_res: int, model_size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(out_size, low_res) matrix of bilinear (align_corners=False) low_res -> model_size -> out_size.
 

@@ -65,6 +65,7 @@ from .large_normalize import (
 )
 from .options import SegmentOptions
 from .stitch import TiledDetails, TileResult, compaction_table, label_dtype, paint_tile
+from .synthetic import synthetic_slide  # noqa: F401  (kept importable from here)
 from .tile_grid import ImageSource, TileGrid, regions
 from .tiling import TiledRun
 from .workers import (  # noqa: F401  (the workers' names, kept importable from here)
@@ -427,49 +428,6 @@ def _default_client():
 
 
 # ------------------------------------------------------------------------------- bench
-
-def synthetic_slide(height: int, width: int, *, cell_radius: float = 9.0, density: float = 0.25,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A large fluorescence-like image, fast (each cell drawn in its own window).
-
-    Args:
-        cell_radius: mean cell radius in pixels.
-        density: fraction of the area covered by cells (before overlaps).
-
-    Returns:
-        image (H, W, 2) uint16 (nuclear, whole-cell), and the cells' boxes (N, 4) float32
-        x1, y1, x2, y2 in image pixels.
-    """
-    rng = np.random.default_rng(seed)
-    n = max(1, int(density * height * width / (np.pi * cell_radius ** 2)))
-    whole = np.zeros((height, width), dtype=np.float32)
-    nuclear = np.zeros((height, width), dtype=np.float32)
-    boxes = []
-    for _ in range(n):
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        ry, rx = cell_radius * rng.uniform(0.7, 1.3, size=2)
-        angle = rng.uniform(0, np.pi)
-        reach = max(ry, rx)
-        y0, y1 = max(0, int(cy - reach)), min(height, int(cy + reach) + 2)
-        x0, x1 = max(0, int(cx - reach)), min(width, int(cx + reach) + 2)
-        if y1 - y0 < 2 or x1 - x0 < 2:
-            continue
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        dy, dx = yy - cy, xx - cx
-        u = (dx * np.cos(angle) + dy * np.sin(angle)) / rx
-        v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ry
-        r2 = u * u + v * v
-        inside = r2 < 1
-        if not inside.any():
-            continue
-        whole[y0:y1, x0:x1] = np.maximum(whole[y0:y1, x0:x1], rng.uniform(0.5, 1.0) * inside)
-        nuclear[y0:y1, x0:x1] = np.maximum(nuclear[y0:y1, x0:x1], rng.uniform(0.6, 1.0) * (r2 < 0.3))
-        ys, xs = np.nonzero(inside)
-        boxes.append([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1])
-    noise = rng.normal(0, 0.03, size=(2, height, width)).astype(np.float32)
-    image = np.stack([np.clip(nuclear + noise[0], 0, None), np.clip(whole + noise[1], 0, None)], axis=-1)
-    return (image * 4000).astype(np.uint16), np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-
 
 def throughput_report(
     checkpoint: str | os.PathLike | None = None,

@@ -150,3 +150,20 @@ def cell_logits(boxes: Tensor, low_res: int = 256, model_size: int = 1024, sharp
     v = (centres[None, :] - (b[:, 1] + b[:, 3])[:, None] / 2) / half_y[:, None]
     r2 = v[:, :, None] ** 2 + u[:, None, :] ** 2
     return (sharpness * (1 - r2)).clamp_min(-sharpness)
+
+
+def synthetic_slide(height: int, width: int, *, cell_radius: float = 9.0, density: float = 0.25,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A large fluorescence-like slide for the tiled and distributed paths (``draw_cells``
+    in float32, so that tens of thousands of pixels per side stay cheap).
+
+    Args:
+        cell_radius: mean cell radius in pixels.
+        density: fraction of the area covered by cells (before overlaps).
+
+    Returns:
+        image (H, W, 2) uint16 (nuclear, whole-cell), and the cells' boxes (N, 4) float32
+        x1, y1, x2, y2 in image pixels.
+    """
+    n = max(1, int(density * height * width / (np.pi * cell_radius ** 2)))
+    return draw_cells(height, width, n, radius=cell_radius, channels=2, seed=seed, work_dtype=np.float32)
