@@ -33,6 +33,7 @@ def session(checkpoint):
     return CellSAM.from_checkpoint(checkpoint, device="cpu")
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_single_process_labels(client, checkpoint, session, tmp_path):
     image = synthetic_slide(600, 384, density=0.25, cell_radius=20, seed=1)[0]
     options = dict(tile_size=384, overlap=64, batch_size=1)  # one tile per task: both workers get work
@@ -133,6 +134,7 @@ def test_worker_device_with_several_gpus(monkeypatch, visible, name, expected):
     assert worker_device("cuda:1", name) == "cuda:1"  # an explicit choice is kept
 
 
+@pytest.mark.slow
 def test_a_failed_run_resumes_to_the_uninterrupted_labels(client, checkpoint, session, tmp_path, monkeypatch):
     from cellsam_trt import tiling
 

@@ -7,7 +7,8 @@ from cellsam_trt.config import ModelConfig
 from cellsam_trt.modeling import BoxDecoder
 
 
-@pytest.mark.parametrize("config", [ModelConfig.tiny(), ModelConfig.cellsam()], ids=["tiny", "vit-b"])
+@pytest.mark.parametrize("config", [ModelConfig.tiny(), pytest.param(ModelConfig.cellsam(), marks=pytest.mark.slow)],
+                         ids=["tiny", "vit-b"])
 def test_shared_image_work_gives_sams_outputs(config):
     sam = random_network(config, seed=3).eval().sam
     decoder = BoxDecoder(sam.prompt_encoder, sam.mask_decoder)

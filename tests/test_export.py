@@ -125,6 +125,7 @@ def test_decoder_matches_torch(exported, modules, num_boxes):
     np.testing.assert_allclose(iou, want_iou, **TIGHT)
 
 
+@pytest.mark.slow
 def test_full_size_decoder_graph_matches_torch(tmp_path):
     """The released decoder size (256 channels, 2048-wide MLP) exported alone; it is small."""
     config = ModelConfig.cellsam()

@@ -150,6 +150,7 @@ def ring_decoder_session(steered_tiny):
     return session
 
 
+@pytest.mark.slow
 def test_edits_redo_the_clean_up_only_where_they_reach(steered_tiny, cell_image):
     """A long random sequence of overlapping adds, removals and moves: after every edit the
     labels equal one call with the kept boxes, and a small box cleans a window, not the image."""

@@ -97,7 +97,8 @@ def test_export_writes_the_labels_and_the_command_lines_cell_table(counting, cel
     editor, _ = edit_layers(counting, cell_image)
     labels_path, table_path = editor.export(tmp_path / "out", "cells")
     np.testing.assert_array_equal(np.asarray(read_image(labels_path).array), editor.annotation.labels)
-    rows = list(csv.reader(table_path.open()))
+    with table_path.open() as fh:
+        rows = list(csv.reader(fh))
     assert rows[0] == CSV_HEADER
     present = np.unique(editor.annotation.labels)
     assert [int(r[0]) for r in rows[1:]] == present[present > 0].tolist()
@@ -119,6 +120,7 @@ def test_the_command_line_opens_a_viewer_only_with_napari(monkeypatch):
     assert args.image == "image.tif" and args.backend == "torch" and callable(args.func)
 
 
+@pytest.mark.slow
 def test_the_widget_segments_in_a_worker_and_edits_from_the_kept_embedding(counting, cell_image, qtbot, tmp_path):
     needs_display()
     from cellsam_trt.napari_plugin.widget import BOXES_LAYER, LABELS_LAYER, CellSAMWidget

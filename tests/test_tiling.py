@@ -313,6 +313,7 @@ def test_cellfinder_tiles_equal_per_tile_segment_and_stitch(session):
     assert set(details.timings) == {"normalize", "tiles", "stitch"}
 
 
+@pytest.mark.slow
 def test_3000x2500_end_to_end_with_user_boxes(session):
     image, cells = synthetic_slide(3000, 2500, seed=1)
     rng = np.random.default_rng(0)
@@ -408,6 +409,7 @@ def slide_image():
     return synthetic_slide(600, 384, density=0.25, cell_radius=20, seed=1)[0]
 
 
+@pytest.mark.slow
 def test_streamed_run_equals_the_in_memory_one(session, slide_image, tmp_path, monkeypatch):
     in_memory, details = segment_large(session, slide_image, tile_size=256, overlap=64, return_details=True,
                                        stream=False)

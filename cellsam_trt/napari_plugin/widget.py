@@ -61,7 +61,7 @@ class CellSAMWidget(Container):
         self.export_folder = FileEdit(mode="d", label="export to", value=str(Path.cwd()))
         self.export_button = PushButton(text="Export labels and cell table")
         self.status = Label(value="")
-        self.status.native.setWordWrap(True)  # messages name layers and thresholds: wrap, never cut
+        self.status.min_width = 280  # a label sized for its first text would cut later ones
         if session is not None:  # a given session fixes weights and backend
             self.checkpoint.enabled = self.backend.enabled = False
         self.extend([self.whole_cell, self.nuclear, self.checkpoint, self.backend, self.segment_button,
@@ -128,7 +128,10 @@ class CellSAMWidget(Container):
         shapes.current_edge_color = BOX_STYLE["edge_color"]
         shapes.current_face_color = BOX_STYLE["face_color"]
         self.viewer.layers.selection.active = shapes
-        self._say(f"{len(annotation.cells)} cells. Draw, move or delete boxes in {BOXES_LAYER!r}; Ctrl-Z undoes.")
+        cells = len(np.unique(annotation.cell_labels)) - 1
+        # the status line stays short (the dock is narrow); the hint goes to the notification
+        self.status.value = f"{cells} cells from {len(annotation.cells)} boxes"
+        show_info(f"CellSAM: {cells} cells. Draw, move or delete boxes in {BOXES_LAYER!r}; Ctrl-Z undoes.")
 
     def _failed(self, err: Exception) -> None:
         self._say(f"segmentation failed: {err}", warning=True)
