@@ -171,7 +171,7 @@ for row in report["skipped"]:
 EOF
             ;;
         interactive)  # embed once, prompt many times: full call vs prompt on the kept embedding (bench_interactive.py)
-            run_step interactive "${LIMIT_INTERACTIVE:-150}" "$OUT/interactive.log" $PY bench/bench_interactive.py \
+            run_step interactive "${LIMIT_INTERACTIVE:-200}" "$OUT/interactive.log" $PY bench/bench_interactive.py \
                 $INTERACTIVE_ARGS --out "$OUT/interactive.json"
             [ -f "$OUT/interactive.md" ] && sed -n '/^| call/,$p' "$OUT/interactive.md" >> "$OUT/summary.txt" ;;
         stack)  # frames per second: segment_stack against a loop of segment (bench_stack.py)
