@@ -35,10 +35,26 @@ class _Cell:
     """What an annotation keeps of one decoded box (enough to paint it again without the decoder)."""
 
     box: np.ndarray  # (4,) float32 x1, y1, x2, y2, image pixels
-    mask: Tensor  # (L, L) mask logits on the backend's device
+    logits: Tensor  # the low-res mask logits the painter reads, (k1 - k0, j1 - j0), backend's device
+    reads: np.ndarray  # (4,) int64 k0, k1, j0, j1 of ``logits`` in the (L, L) mask (end exclusive)
     iou: float  # predicted mask IoU
     score: float  # CellFinder's score; NaN for a drawn box
     window: np.ndarray  # (4,) int64 y0, y1, x0, x1 the mask may paint (end exclusive)
+
+    def mask(self, side: int) -> Tensor:
+        """(1, L, L) logits that paint exactly what the decoder's mask painted: the read
+        window's values, and far below any threshold elsewhere (finite: the painter's padded
+        reads multiply by zero weights)."""
+        full = torch.full((1, side, side), -1e4, dtype=self.logits.dtype, device=self.logits.device)
+        k0, k1, j0, j1 = self.reads.tolist()
+        full[0, k0:k1, j0:j1] = self.logits
+        return full
+
+    @classmethod
+    def of(cls, box: np.ndarray, logits: Tensor, painted: np.ndarray, iou: float, score: float) -> _Cell:
+        """A cell from its decoded (L, L) logits and the painter's (8,) row for them."""
+        k0, k1, j0, j1 = painted[4:].tolist()
+        return cls(box, logits[k0:k1, j0:j1].clone(), painted[4:].copy(), iou, score, painted[:4].copy())
 
 
 @dataclass(frozen=True)
@@ -76,8 +92,9 @@ class Annotation:
     the clean-up is redone on the smallest rectangle that holds the edited window and every
     cell window that overlaps it, transitively (``changed`` says which rectangle).
 
-    Each cell's (L, L) mask logits are kept (256 KiB in float32 at L = 256), so that removing,
-    undoing and redoing cost no decoder call.
+    Each cell keeps the part of its low-res mask logits that painting reads (a few KiB for a
+    cell-sized mask; 256 KiB at most), so that removing, undoing and redoing cost no
+    decoder call.
     """
 
     def __init__(self, session: Any, embedded: ImageEmbedding, boxes: Any = None, scores: Any = None) -> None:
@@ -91,6 +108,7 @@ class Annotation:
         self.decoder_calls = 0
         # the session's thresholds, decoder chunks capped at what its backend takes (as segment)
         self._thresholds = session.thresholds(SegmentOptions())
+        self._side = backend.config.sam.low_res_size
         self._painter = post.MaskPainter(
             (embedded.height, embedded.width), low_res=backend.config.sam.low_res_size,
             model_size=backend.config.image_size, mask_threshold=self._thresholds.mask_threshold, device=backend.device)
@@ -109,6 +127,11 @@ class Annotation:
     def boxes(self) -> np.ndarray:
         """(K, 4) float32 boxes of the cells kept, in adding order (x1, y1, x2, y2, image pixels)."""
         return np.array([c.box for c in self._cells.values()], np.float32).reshape(-1, 4)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes kept for the cells' mask logits (what removing and undoing repaint from)."""
+        return sum(c.logits.numel() * c.logits.element_size() for c in self._cells.values())
 
     @property
     def cells(self) -> list[int]:
@@ -185,7 +208,8 @@ class Annotation:
                 if k not in number:
                     numbers.append(0)
                     continue
-                cell = _Cell(part[k], logits[k, 0].clone(), float(iou[k]), float(scores[start + k]), windows[number[k] - self._next])
+                cell = _Cell.of(part[k], logits[k, 0], windows[number[k] - self._next], float(iou[k]),
+                                float(scores[start + k]))
                 self._cells[number[k]] = cell
                 steps.append(("add", number[k], cell))
                 numbers.append(number[k])
@@ -281,7 +305,7 @@ class Annotation:
             if kind == "add":
                 self._cells[cell] = data
                 self._cells = dict(sorted(self._cells.items()))  # numbers are the painting order
-                self._painter.paint(data.mask[None], cell)
+                self._painter.paint(data.mask(self._side), cell)
             else:
                 self._detach(cell, clean=False)
             windows.append(data.window)
@@ -295,7 +319,7 @@ class Annotation:
         # the masks that may paint inside the cleared window, painted again (the painter keeps
         # the highest number per pixel, so painting a mask twice changes nothing elsewhere)
         for number in self._overlapping(data.window):
-            self._painter.paint(self._cells[number].mask[None], number)
+            self._painter.paint(self._cells[number].mask(self._side), number)
         if clean:
             self._clean_up(data.window)
         return data

@@ -142,12 +142,14 @@ class MaskPainter:
             first_label: label of logits[0]; must exceed every label painted before.
 
         Returns:
-            (n, 4) int64 windows (y0, y1, x0, x1), end exclusive: each mask painted nothing
-            outside its window; (0, 0, 0, 0) for a mask that cannot paint a pixel.
+            (n, 8) int64, end exclusive: columns 0-3 the window (y0, y1, x0, x1) outside which
+            a mask painted nothing, columns 4-7 the low-res logits (k0, k1, j0, j1) that window
+            read (any value outside them, below the threshold, paints the same); zeros for a
+            mask that cannot paint a pixel.
         """
         n = logits.shape[0]
         if n == 0:
-            return np.zeros((0, 4), np.int64)
+            return np.zeros((0, 8), np.int64)
         logits = logits.to(device=self.device, dtype=self.dtype)
         passing = logits > self.low_res_cut
         any_row = passing.any(dim=2)  # (n, L)
@@ -167,10 +169,12 @@ class MaskPainter:
         windows = (y0, x0, k0, j0)
         for group in _groups(order, sizes_host, self.budget):
             self._paint_group(logits, labels, windows, sizes_host, group)
-        origin = torch.stack([y0, x0], dim=1).cpu().numpy()
-        painted = np.zeros((n, 4), np.int64)
+        origin = torch.stack([y0, x0, k0, j0], dim=1).cpu().numpy()
+        painted = np.zeros((n, 8), np.int64)
         painted[order] = np.stack([origin[order, 0], origin[order, 0] + sizes_host[order, 0],
-                                   origin[order, 1], origin[order, 1] + sizes_host[order, 1]], axis=1)
+                                   origin[order, 1], origin[order, 1] + sizes_host[order, 1],
+                                   origin[order, 2], origin[order, 2] + sizes_host[order, 2],
+                                   origin[order, 3], origin[order, 3] + sizes_host[order, 3]], axis=1)
         return painted
 
     def _paint_group(self, logits, labels, windows, sizes_host, group: np.ndarray) -> None:

@@ -132,6 +132,7 @@ def test_large_images_are_tiled(checkpoint, session, slide, tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_images_too_large_for_memory_are_streamed_to_the_same_outputs(checkpoint, slide, tmp_path, capsys,
                                                                      monkeypatch):
     from cellsam_trt import memory
@@ -206,6 +207,7 @@ def test_input_expansion_and_output_names(tmp_path):
     assert unique_stems([tmp_path / "d1" / "img.tif", tmp_path / "d2" / "img.tif"]) == ["d1__img", "d2__img"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_outputs(checkpoint, plane, tmp_path, capsys):
     """SIGKILL a real `cellsam-trt segment` process mid-run, resume it, compare with a clean run."""
     data = tmp_path / "data"

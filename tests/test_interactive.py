@@ -181,6 +181,9 @@ def test_edits_redo_the_clean_up_only_where_they_reach(steered_tiny, cell_image)
             np.testing.assert_array_equal(annotation.cell_labels > 0, annotation.labels > 0)
     assert annotation.labels.max() >= 15 and dropped >= 3  # the comparison had content
     assert partial >= 20
+    # cell-sized masks keep cell-sized logits, not the whole (L, L) mask each
+    side = session.backend.config.sam.low_res_size
+    assert 0 < annotation.nbytes < len(annotation.cells) * side * side * 4 / 20
 
 
 def test_an_annotation_agrees_with_one_call_of_the_real_decoder(session, cell_image):

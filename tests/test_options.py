@@ -82,6 +82,7 @@ def test_keywords_and_options_give_identical_labels(session, cell_image):
                                                   remove_boundaries=False, chunk_size=None), default)
 
 
+@pytest.mark.slow
 def test_tiled_run_takes_options_as_keywords(session):
     image = synthetic_slide(600, 384, density=0.25, cell_radius=20, seed=1)[0]
     settings = dict(tile_size=256, overlap=64, batch_size=2)

@@ -96,6 +96,7 @@ def test_frames_are_batched_and_placed_by_axes():
         segment_stack(fake, big)
 
 
+@pytest.mark.slow
 def test_cli_reads_axes_from_files_and_writes_label_stacks(checkpoint, frames, alone, tmp_path, capsys):
     planes = np.stack([f[..., 1] for f in frames])  # (2, Y, X)
     both = np.stack([np.moveaxis(f, -1, 0) for f in frames])  # (2, C, Y, X)
