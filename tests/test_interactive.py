@@ -264,3 +264,23 @@ def test_an_annotation_from_cellfinder_has_the_labels_of_the_automatic_call(sess
 def embedded_image_stub(embedded):
     """A small image of the embedded one's size (content does not matter for the refusal)."""
     return np.zeros((embedded.height, embedded.width), np.uint8)
+
+
+@pytest.mark.gpu
+def test_an_annotation_on_cuda_matches_one_call_and_undoes_exactly(steered_tiny, cell_image):
+    session = CellSAM.from_network(steered_tiny, device="cuda")
+    embedded = session.embed(cell_image)
+    annotation = Annotation.from_cellfinder(session, embedded)
+    np.testing.assert_array_equal(annotation.labels, session.segment(embedded))
+    before = annotation.labels.copy()
+    for box in boxes_on(cell_image, 6, seed=5):
+        annotation.add(box)
+    annotation.remove(annotation.cells[0])
+    kept_boxes = annotation.boxes
+    inside = np.all((kept_boxes[:, :2] >= 0) & (kept_boxes[:, 2:] <= cell_image.shape[1::-1]), axis=1)
+    if inside.all():  # CellFinder's boxes may reach past the edge, which segment(boxes=) refuses
+        expected = session.segment(embedded, boxes=kept_boxes)
+        assert (annotation.labels != expected).mean() < 1e-3
+    while annotation.undo():
+        pass
+    np.testing.assert_array_equal(annotation.labels, before)
