@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,23 +294,37 @@ class GraphCore:
                             return_details=return_details)
                 for item, d, timer in zip(items, decoded, timers)]
 
+    def new_painter(self, out_shape: tuple[int, int], opts: InferenceConfig) -> post.MaskPainter:
+        """An empty label image (H, W) to paint masks into, on the backend's device."""
+        backend = self.backend
+        return post.MaskPainter(out_shape, low_res=backend.config.sam.low_res_size, model_size=backend.config.image_size,
+                                mask_threshold=opts.mask_threshold, device=backend.device)
+
     def _decode_chunks(self, embedding: Tensor, boxes: Tensor, out_shape: tuple[int, int], opts: InferenceConfig,
                        progress: bool) -> tuple[post.MaskPainter, np.ndarray, np.ndarray]:
-        """Decode all boxes in chunks and paint the masks passing the IoU filter.
+        """Decode all boxes in chunks into a new painter: the painter, then ``paint_boxes``'s result."""
+        painter = self.new_painter(out_shape, opts)
+        return (painter, *self.paint_boxes(embedding, boxes, painter, opts, progress=progress))
 
-        Returns the painter, the indices of the kept boxes and their IoU predictions. A chunk
-        that runs out of device memory is retried at half the size (masks are painted with
-        max(), so re-painting part of a chunk changes nothing); only a single box that does
-        not fit is an error.
+    def paint_boxes(self, embedding: Tensor, boxes: Tensor, painter: post.MaskPainter, opts: InferenceConfig, *,
+                    first_label: int = 1, progress: bool = False,
+                    on_chunk: Callable[[int, int, Tensor, Tensor, np.ndarray, np.ndarray], None] | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decode (N, 4) model-space boxes in chunks and paint the masks passing the IoU filter,
+        numbered ``first_label``, ``first_label + 1``, ... in box order.
+
+        Returns the indices of the kept boxes and their IoU predictions. A chunk that runs out
+        of device memory is retried at half the size (masks are painted with max(), so
+        re-painting part of a chunk changes nothing); only a single box that does not fit is
+        an error. ``on_chunk(start, first label, mask logits (n, 1, L, L), iou (n, 1), kept
+        rows of the chunk, the painter's (k, 8) windows of the kept masks)`` is called once per
+        chunk that went through.
         """
         backend = self.backend
-        painter = post.MaskPainter(
-            out_shape, low_res=backend.config.sam.low_res_size, model_size=backend.config.image_size,
-            mask_threshold=opts.mask_threshold, device=backend.device,
-        )
-        chunk = fit_chunk_size(backend.config, backend.device, *out_shape, opts.chunk_size) if len(boxes) else 1
+        chunk = fit_chunk_size(backend.config, backend.device, painter.height, painter.width,
+                               opts.chunk_size) if len(boxes) else 1
         kept_index, kept_iou = [], []
-        next_label, start = 1, 0
+        next_label, start = first_label, 0
         bar = _progress(len(boxes), chunk, progress)
         while start < len(boxes):
             part = boxes[start:start + chunk]
@@ -318,7 +332,7 @@ class GraphCore:
                 mask_logits, iou = backend.decoder(embedding, part, last_call=start + len(part) >= len(boxes))
                 keep = iou[:, 0] >= opts.iou_threshold
                 # labels follow the kept order, so chunks are painted in order
-                painter.paint(mask_logits[keep, 0], next_label)
+                windows = painter.paint(mask_logits[keep, 0], next_label)
             except RuntimeError as err:
                 # the backend's OutOfDeviceMemory, or the painter's own allocations failing
                 if not (isinstance(err, OutOfDeviceMemory) or is_out_of_memory(err)):
@@ -328,17 +342,20 @@ class GraphCore:
                 chunk = max(1, chunk // 2)
                 log.warning("decoder ran out of device memory; retrying with %d boxes per call", chunk)
                 continue
-            kept_index.append(torch.nonzero(keep)[:, 0].cpu().numpy() + start)
+            rows = torch.nonzero(keep)[:, 0].cpu().numpy()
+            if on_chunk is not None:
+                on_chunk(start, next_label, mask_logits, iou, rows, windows)
+            kept_index.append(rows + start)
             kept_iou.append(iou[keep, 0].cpu().numpy())
-            next_label += len(kept_index[-1])
+            next_label += len(rows)
             start += len(part)
             if bar is not None:
                 bar.update(len(part))
         if bar is not None:
             bar.close()
         if not kept_index:
-            return painter, np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return painter, np.concatenate(kept_index), np.concatenate(kept_iou)
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(kept_index), np.concatenate(kept_iou)
 
 
 def _share(timers: Sequence[Timer], indices: Sequence[int], stage: str, seconds: float) -> None:

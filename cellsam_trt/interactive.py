@@ -105,13 +105,11 @@ class Annotation:
         self._embedding = embedded.embedding.to(backend.device)
         self._cells: dict[int, _Cell] = {}  # cell number -> what it needs, in number (= adding) order
         self._next = 1
-        self.decoder_calls = 0
+        self.decoder_calls = 0  # decoder calls that went through (a chunk retried after running out of memory counts once)
         # the session's thresholds, decoder chunks capped at what its backend takes (as segment)
         self._thresholds = session.thresholds(SegmentOptions())
         self._side = backend.config.sam.low_res_size
-        self._painter = post.MaskPainter(
-            (embedded.height, embedded.width), low_res=backend.config.sam.low_res_size,
-            model_size=backend.config.image_size, mask_threshold=self._thresholds.mask_threshold, device=backend.device)
+        self._painter = session.core.new_painter((embedded.height, embedded.width), self._thresholds)
         # the clean-up of the painted labels, in cell numbers (0 background), and the cells it
         # numbers (as the released clean-up does, ids can have gaps where a fill covered a cell)
         self._cleaned = np.zeros((embedded.height, embedded.width), np.int32)
@@ -185,39 +183,28 @@ class Annotation:
         return annotation
 
     def _decode(self, boxes: np.ndarray, boxes_model: Tensor, scores: np.ndarray) -> list[int]:
-        """Decode (N, 4) model-space boxes in segment's chunks, paint the kept masks in order."""
-        from .memory import fit_chunk_size
+        """Decode (N, 4) model-space boxes as ``segment`` does (the graph core's chunks), paint
+        the kept masks on top in order, and keep each kept mask as a cell."""
+        numbers = np.zeros(len(boxes), np.int64)
+        steps, changed = [], []
 
-        height, width = self.embedded.height, self.embedded.width
-        backend = self.session.backend
-        boxes_model = boxes_model.to(backend.device)
-        chunk = fit_chunk_size(backend.config, backend.device, height, width, self._thresholds.chunk_size)
-        numbers, steps, changed = [], [], []
-        for start in range(0, len(boxes), chunk):
-            part = boxes[start:start + chunk]
-            with self.session._device_lock:
-                logits, iou = backend.decoder(self._embedding, boxes_model[start:start + chunk],
-                                              last_call=start + chunk >= len(boxes))
+        def keep_cells(start, first, logits, iou, rows, windows):
             self.decoder_calls += 1
-            iou = iou[:, 0].float().cpu().numpy()
-            keep = np.flatnonzero(iou >= self._thresholds.iou_threshold)
-            # kept masks take consecutive numbers, as in one call, and are painted together
-            windows = self._painter.paint(logits[torch.from_numpy(keep).to(logits.device), 0], self._next)
-            number = dict(zip(keep.tolist(), range(self._next, self._next + len(keep))))
-            for k in range(len(part)):
-                if k not in number:
-                    numbers.append(0)
-                    continue
-                cell = _Cell.of(part[k], logits[k, 0], windows[number[k] - self._next], float(iou[k]),
-                                float(scores[start + k]))
-                self._cells[number[k]] = cell
-                steps.append(("add", number[k], cell))
-                numbers.append(number[k])
+            iou = iou[:, 0].float().cpu().numpy()  # one transfer per chunk, not one per cell
+            for j, k in enumerate(rows.tolist()):  # kept masks took consecutive numbers
+                cell = _Cell.of(boxes[start + k], logits[k, 0], windows[j], float(iou[k]), float(scores[start + k]))
+                self._cells[first + j] = cell
+                steps.append(("add", first + j, cell))
+                numbers[start + k] = first + j
                 changed.append(cell.window)
-            self._next += len(keep)
+
+        with self.session._device_lock:
+            self.session.core.paint_boxes(self._embedding, boxes_model.to(self.session.backend.device), self._painter,
+                                          self._thresholds, first_label=self._next, on_chunk=keep_cells)
+        self._next += len(steps)
         self._record(steps)
         self._clean_up(_union(changed))
-        return numbers
+        return numbers.tolist()
 
     def box(self, cell: int) -> np.ndarray:
         """(4,) float32 box of a cell (x1, y1, x2, y2, image pixels)."""
@@ -304,11 +291,11 @@ class Annotation:
         for kind, cell, data in steps:
             if kind == "add":
                 self._cells[cell] = data
-                self._cells = dict(sorted(self._cells.items()))  # numbers are the painting order
                 self._painter.paint(data.mask(self._side), cell)
             else:
                 self._detach(cell, clean=False)
             windows.append(data.window)
+        self._cells = dict(sorted(self._cells.items()))  # numbers are the painting order
         self._clean_up(_union(windows))
 
     def _detach(self, cell: int, clean: bool = True) -> _Cell:
