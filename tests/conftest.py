@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -76,13 +77,33 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def has_display() -> bool:
+    """An X display to draw a napari viewer on (Xvfb will do); other platforms have their own screen."""
+    return not sys.platform.startswith("linux") or bool(os.environ.get("DISPLAY"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """Without a display, Qt's offscreen platform: a Qt application started by a headless test
+    then runs instead of aborting the whole test process. Runs after pytest-xvfb, which sets
+    DISPLAY where Xvfb is installed."""
+    if not has_display():
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
 def pytest_collection_modifyitems(config, items):
-    """``gpu`` and ``tensorrt`` tests run where their hardware is and skip with the reason elsewhere."""
+    """``gpu``, ``tensorrt`` and ``display`` tests run where their hardware is and skip with
+    the reason elsewhere (before their fixtures are set up: pytest-qt's application would
+    abort the process without a display)."""
     import importlib.util
 
     has_cuda = torch.cuda.is_available()
     has_tensorrt = importlib.util.find_spec("tensorrt") is not None
+    display = has_display()
     for item in items:
+        if "display" in item.keywords and not display:
+            item.add_marker(pytest.mark.skip(reason="no X display for napari's canvas: install Xvfb (Debian: xvfb "
+                                                    "libgl1-mesa-dri, see .ci/run); pytest-xvfb then starts one"))
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch sees none)"))
         if "tensorrt" in item.keywords and not (has_tensorrt and has_cuda):

@@ -20,13 +20,6 @@ def counting(steered_tiny):
     return counting_session(steered_tiny)
 
 
-def needs_display():
-    """A viewer needs OpenGL in a window: an X display (Xvfb will do) on Linux."""
-    if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
-        pytest.skip("no X display for napari's canvas: install xvfb (Debian: xvfb libgl1-mesa-dri; see .ci/run), "
-                    "pytest-xvfb then starts one")
-
-
 def edit_layers(counting, image, boxes=None):
     """Layers edited from CellFinder's boxes, or from ``boxes`` (CellFinder's may reach past the
     image's edge, which ``segment(boxes=...)`` refuses: comparisons start from boxes inside)."""
@@ -120,9 +113,23 @@ def test_the_command_line_opens_a_viewer_only_with_napari(monkeypatch):
     assert args.image == "image.tif" and args.backend == "torch" and callable(args.func)
 
 
+def test_the_command_line_says_what_to_do_without_a_display(monkeypatch, capsys):
+    from cellsam_trt.cli import main
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["napari"]) == 1  # an error line, not Qt's abort
+    assert "xvfb-run" in capsys.readouterr().err
+    monkeypatch.setenv("DISPLAY", ":99")
+    from cellsam_trt.napari_plugin import missing_display
+
+    assert missing_display() is None
+
+
 @pytest.mark.slow
+@pytest.mark.display  # a viewer needs OpenGL in a window: an X display (Xvfb will do) on Linux
 def test_the_widget_segments_in_a_worker_and_edits_from_the_kept_embedding(counting, cell_image, qtbot, tmp_path):
-    needs_display()
     from cellsam_trt.napari_plugin.widget import BOXES_LAYER, LABELS_LAYER, CellSAMWidget
 
     viewer = napari.Viewer()  # shown (on the X display, Xvfb in CI): a hidden window draws no canvas

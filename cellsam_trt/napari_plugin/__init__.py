@@ -11,6 +11,8 @@ embedding, and Ctrl-Z / Ctrl-Shift-Z undo and redo. Installed with the ``napari`
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 
@@ -24,7 +26,24 @@ def register(subparsers) -> None:
     p.set_defaults(func=_open_viewer)
 
 
+def missing_display() -> str | None:
+    """Why no viewer window can open here (Linux without an X or Wayland display), or None.
+
+    Qt aborts the whole process (SIGABRT) when it finds no display, so this is asked first.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    if os.environ.get("QT_QPA_PLATFORM", "").startswith(("offscreen", "minimal", "vnc", "eglfs", "linuxfb")):
+        return None  # the user chose a platform that needs no display
+    return ("no display to open napari's window on (neither DISPLAY nor WAYLAND_DISPLAY is set): run it in a desktop "
+            "session or over `ssh -X`, or on a virtual display: `xvfb-run -a cellsam-trt napari ...` "
+            "(Debian/Ubuntu: apt install xvfb libgl1-mesa-dri)")
+
+
 def _open_viewer(args: argparse.Namespace) -> int:
+    reason = missing_display()
+    if reason:
+        raise RuntimeError(reason)
     try:
         import napari
     except ImportError as err:
