@@ -21,9 +21,9 @@ import time
 import torch
 
 from cellsam_trt.bench.timing import row_failure, simulate_oom
-from cellsam_trt.checkpoint import random_network
-from cellsam_trt.config import ModelConfig
 from cellsam_trt.modeling import BoxDecoder
+from cellsam_trt.modeling.checkpoint import random_network
+from cellsam_trt.modeling.config import ModelConfig
 
 
 def time_call(fn, device: torch.device, repeats: int) -> list[float]:

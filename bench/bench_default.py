@@ -23,7 +23,7 @@ of this project) and ``pip install requests dask-image pyyaml``::
     python bench/bench_default.py --released ~/src/cellSAM --torch-variants eager,bf16,compile
 
 Without ``--checkpoint`` it writes random ViT-B weights in the official layout, steered on
-the bench image (``cellsam_trt.testing``). The default image is a 512 x 512 crop of the
+the bench image (``cellsam_trt.dev.steering``). The default image is a 512 x 512 crop of the
 tissue sample image shipped with the released code (``sample_imgs/tissuenet.png``).
 The JSON report goes to ``bench/results/<device>/default-<date>.json`` with a markdown
 table beside it.
@@ -49,7 +49,7 @@ STARTED = time.monotonic()
 
 
 def _status_gib(field: str) -> float:
-    from cellsam_trt.memory import process_status_gib
+    from cellsam_trt.engine.memory import process_status_gib
 
     return process_status_gib(field)
 
@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> int:
         from cellSAM.model import segment_cellular_image
         from cellSAM.sam_inference import CellSAM as ReleasedCellSAM
 
-        from cellsam_trt.checkpoint import read_state_dict
+        from cellsam_trt.modeling.checkpoint import read_state_dict
 
         config = yaml.safe_load((Path(args.released).expanduser() / "cellSAM" / "modelconfig.yaml").read_text())
         model = ReleasedCellSAM(config)
@@ -236,7 +236,7 @@ def main() -> int:
     import torch
     from report import machine_record, save_report
 
-    from cellsam_trt.accuracy import label_agreement
+    from cellsam_trt.dev.accuracy import label_agreement
 
     image = bench_image(args)
     work = Path(tempfile.mkdtemp(prefix="cellsam-bench-default-"))
@@ -245,9 +245,9 @@ def main() -> int:
     if args.checkpoint:
         files["checkpoint"] = str(Path(args.checkpoint).expanduser())
     else:
-        from cellsam_trt.checkpoint import random_network, write_checkpoint
-        from cellsam_trt.config import ModelConfig
-        from cellsam_trt.testing import steer_random_network
+        from cellsam_trt.dev.steering import steer_random_network
+        from cellsam_trt.modeling.checkpoint import random_network, write_checkpoint
+        from cellsam_trt.modeling.config import ModelConfig
 
         print("steering random ViT-B weights on the bench image...", file=sys.stderr, flush=True)
         network = steer_random_network(random_network(ModelConfig.cellsam(), seed=11), image)

@@ -4,13 +4,13 @@
         --variant none= --variant islands=LayerNormalization,InstanceNormalization,ReduceMean,Pow,Sqrt,Softmax
 
 Without ``--checkpoint`` the weights are random ViT-B weights steered on the first bench
-image (``cellsam_trt.testing``, as ``cellsam-trt bench`` makes them), written with their
+image (``cellsam_trt.dev.steering``, as ``cellsam-trt bench`` makes them), written with their
 export to ``--work`` and reused by later runs. Each ``--variant NAME=OPS`` converts the
 FP32 graphs again with OPS (comma separated ONNX op types, empty: no FP32 islands beyond
 the converter's defaults) kept in FP32; without ``--variant`` the export's own FP16 graphs
-(``cellsam_trt.mixed_precision.FP32_ISLAND_OPS``) are measured.
+(``cellsam_trt.graphs.mixed_precision.FP32_ISLAND_OPS``) are measured.
 
-For every bench image (``cellsam_trt.synthetic.bench_image`` with each seed) it compares, against
+For every bench image (``cellsam_trt.dev.synthetic.bench_image`` with each seed) it compares, against
 the FP32 graphs: the CellFinder path (boxes kept, matched-cell F1 and per-cell IoU of the
 labels), the user-box path (``--user-boxes`` boxes from ``cell_boxes``), and the max abs
 difference of every graph output on that image's inputs (the decoder fed the FP32
@@ -37,7 +37,7 @@ import torch
 
 def variant_folder(base: Path, name: str, ops: list[str], work: Path) -> Path:
     """An export folder whose FP16 graphs keep ``ops`` in FP32 (FP32 graphs linked from ``base``)."""
-    from cellsam_trt.mixed_precision import convert_graph
+    from cellsam_trt.graphs.mixed_precision import convert_graph
     from cellsam_trt.runtime.artifacts import GRAPH_SPECS, MANIFEST_NAME
 
     folder = work / f"variant-{name}"
@@ -57,10 +57,10 @@ def run_precision(folder: Path, precision: str, images: list[np.ndarray], user_b
                   reference: list[dict] | None, num_boxes: int, chunk_size: int) -> list[dict]:
     """Segment every image (CellFinder path, user boxes) and run each graph on its inputs."""
     from cellsam_trt import CellSAM
-    from cellsam_trt import postprocess as post
-    from cellsam_trt.config import InferenceConfig
-    from cellsam_trt.engines import verification_inputs
-    from cellsam_trt.pipeline import NoCellsWarning
+    from cellsam_trt.engine import postprocess as post
+    from cellsam_trt.engine.core import NoCellsWarning
+    from cellsam_trt.graphs.tensorrt_engines import verification_inputs
+    from cellsam_trt.modeling.config import InferenceConfig
     from cellsam_trt.runtime import OnnxRuntimeBackend
 
     backend = OnnxRuntimeBackend(folder, precision=precision)
@@ -98,8 +98,8 @@ def run_precision(folder: Path, precision: str, images: list[np.ndarray], user_b
 
 
 def compare(reference: list[dict], test: list[dict]) -> list[dict]:
-    from cellsam_trt.accuracy import box_agreement, label_agreement
-    from cellsam_trt.engines import compare_arrays, mask_agreement
+    from cellsam_trt.dev.accuracy import box_agreement, label_agreement
+    from cellsam_trt.graphs.tensorrt_engines import compare_arrays, mask_agreement
 
     rows = []
     for ref, out in zip(reference, test):
@@ -179,12 +179,12 @@ def main() -> int:
         print(markdown(json.loads(Path(args.render).read_text())))
         return 0
 
-    from cellsam_trt.checkpoint import random_network, write_checkpoint
-    from cellsam_trt.config import ModelConfig
-    from cellsam_trt.export_onnx import export_checkpoint
+    from cellsam_trt.dev.steering import steer_random_network
+    from cellsam_trt.dev.synthetic import bench_image, cell_boxes
+    from cellsam_trt.graphs.onnx_export import export_checkpoint
+    from cellsam_trt.modeling.checkpoint import random_network, write_checkpoint
+    from cellsam_trt.modeling.config import ModelConfig
     from cellsam_trt.runtime.artifacts import MANIFEST_NAME
-    from cellsam_trt.synthetic import bench_image, cell_boxes
-    from cellsam_trt.testing import steer_random_network
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ def main() -> int:
     from report import machine_record, save_report
 
     import cellsam_trt
-    from cellsam_trt.synthetic import cell_boxes, synthetic_cells
+    from cellsam_trt.dev.synthetic import cell_boxes, synthetic_cells
 
     warnings.simplefilter("ignore", cellsam_trt.NoCellsWarning)
     if args.released:
@@ -89,9 +89,9 @@ def main() -> int:
     if args.checkpoint:
         session = cellsam_trt.CellSAM.from_checkpoint(args.checkpoint, backend=args.backend, device=args.device)
     else:
-        from cellsam_trt.checkpoint import random_network
-        from cellsam_trt.config import ModelConfig
-        from cellsam_trt.testing import steer_random_network
+        from cellsam_trt.dev.steering import steer_random_network
+        from cellsam_trt.modeling.checkpoint import random_network
+        from cellsam_trt.modeling.config import ModelConfig
 
         network = steer_random_network(random_network(ModelConfig.named(args.config), seed=0), image)
         session = cellsam_trt.CellSAM.from_network(network, device=args.device)  # torch

@@ -39,8 +39,8 @@ def worker(args: argparse.Namespace) -> int:
     import warnings
 
     import cellsam_trt
-    from cellsam_trt.cli import main as cli_main
-    from cellsam_trt.memory import process_status_gib as _status_gib
+    from cellsam_trt.cli.main import main as cli_main
+    from cellsam_trt.engine.memory import process_status_gib as _status_gib
 
     record: dict = {"mode": args.mode, "side": args.side}
     warnings.simplefilter("ignore")
@@ -124,10 +124,10 @@ def main() -> int:
     import torch
     from report import machine_record, save_report
 
-    from cellsam_trt.checkpoint import random_network, write_checkpoint
-    from cellsam_trt.config import ModelConfig
-    from cellsam_trt.synthetic import synthetic_cells
-    from cellsam_trt.testing import steer_random_network
+    from cellsam_trt.dev.steering import steer_random_network
+    from cellsam_trt.dev.synthetic import synthetic_cells
+    from cellsam_trt.modeling.checkpoint import random_network, write_checkpoint
+    from cellsam_trt.modeling.config import ModelConfig
 
     work = Path(tempfile.mkdtemp(prefix="cellsam-bench-memory-"))
     network = steer_random_network(random_network(ModelConfig.tiny(), seed=0), synthetic_cells(300, 400, seed=1),

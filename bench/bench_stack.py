@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from cellsam_trt import CellSAM
     from cellsam_trt.bench.machine import device_name
-    from cellsam_trt.checkpoint import random_network, write_checkpoint
-    from cellsam_trt.config import ModelConfig
-    from cellsam_trt.synthetic import synthetic_cells
-    from cellsam_trt.testing import steer_random_network
+    from cellsam_trt.dev.steering import steer_random_network
+    from cellsam_trt.dev.synthetic import synthetic_cells
+    from cellsam_trt.modeling.checkpoint import random_network, write_checkpoint
+    from cellsam_trt.modeling.config import ModelConfig
 
     warnings.simplefilter("ignore")  # empty frames and the like: the comparison reports them
     device = torch.device(args.device)

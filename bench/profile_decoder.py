@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from cellsam_trt.checkpoint import random_network
-from cellsam_trt.config import ModelConfig
+from cellsam_trt.dev.synthetic import cell_boxes
 from cellsam_trt.modeling import BoxDecoder
-from cellsam_trt.synthetic import cell_boxes
+from cellsam_trt.modeling.checkpoint import random_network
+from cellsam_trt.modeling.config import ModelConfig
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ what it imports beyond our dependencies (``pip install requests dask-image``):
 
 Without ``--checkpoint`` it writes random ViT-B weights in the official layout, steered
 on the test image so that CellFinder keeps boxes and masks are partial
-(``cellsam_trt.testing``). It loads that file into the released ``CellSAM`` with
+(``cellsam_trt.dev.steering``). It loads that file into the released ``CellSAM`` with
 ``strict=True``, runs the released ``segment_cellular_image`` and ``CellSAM.segment`` of
 each ``--backends`` entry on the same image (CellFinder boxes, then 30 user boxes) and
 prints, as JSON, the differences: embedding, boxes, label pixels. Full ViT-B on a CPU:
@@ -46,10 +46,10 @@ def main() -> int:
     from cellSAM.sam_inference import CellSAM as ReleasedCellSAM
 
     import cellsam_trt
-    from cellsam_trt.checkpoint import random_network, read_state_dict, write_checkpoint
-    from cellsam_trt.config import ModelConfig
-    from cellsam_trt.synthetic import synthetic_cells
-    from cellsam_trt.testing import steer_random_network
+    from cellsam_trt.dev.steering import steer_random_network
+    from cellsam_trt.dev.synthetic import synthetic_cells
+    from cellsam_trt.modeling.checkpoint import random_network, read_state_dict, write_checkpoint
+    from cellsam_trt.modeling.config import ModelConfig
 
     height, width = (int(v) for v in args.size.lower().split("x"))
     image = synthetic_cells(height, width, n_cells=60, seed=args.seed)

@@ -3,22 +3,15 @@
 >>> import cellsam_trt
 >>> labels = cellsam_trt.segment(image)  # doctest: +SKIP
 """
-from .checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
-from .config import InferenceConfig, ModelConfig
-from .embedding import ImageEmbedding
+from .api import CellSAM, segment, segment_stack, unload
+from .engine.core import NoCellsWarning, SegmentationDetails
+from .engine.embedding import ImageEmbedding
+from .engine.options import SegmentOptions
 from .interactive import Annotation
 from .io import ImageFile, read_image
-from .options import SegmentOptions
-from .pipeline import (
-    CellSAM,
-    NoCellsWarning,
-    SegmentationDetails,
-    segment,
-    segment_stack,
-    unload,
-)
-
-__version__ = "0.1.0"
+from .modeling.checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
+from .modeling.config import InferenceConfig, ModelConfig
+from .version import __version__ as __version__
 
 __all__ = [
     "Annotation",

@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from . import postprocess as post
-from . import preprocess as pre
-from .config import InferenceConfig
-from .core import Timer
-from .options import SegmentOptions
-from .pipeline import CellSAM, NoCellsWarning
+from .api import CellSAM
+from .engine import postprocess as post
+from .engine import preprocess as pre
+from .engine.core import NoCellsWarning, Timer
+from .engine.options import SegmentOptions
+from .modeling import checkpoint as ckpt
+from .modeling.config import InferenceConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,17 @@ class CompatCellSAM(CellSAM):
 
     ``eval()``, ``to(device)``, the ``bbox_threshold`` attribute and ``predict(...)``
     behave as on the released ``nn.Module``; everything else is the session's (``segment``,
-    ``segment_batch``, ``cellsam_trt.tiling.segment_large``).
+    ``segment_batch``, ``cellsam_trt.large.tiling.segment_large``).
     """
 
     @property
     def bbox_threshold(self) -> float:
         """CellFinder confidence weight used by ``predict`` (and ``segment`` by default)."""
-        return self.options.bbox_threshold
+        return self.inference.bbox_threshold
 
     @bbox_threshold.setter
     def bbox_threshold(self, value: float) -> None:
-        self.options = replace(self.options, bbox_threshold=SegmentOptions(bbox_threshold=value).bbox_threshold)
+        self.inference = replace(self.inference, bbox_threshold=SegmentOptions(bbox_threshold=value).bbox_threshold)
 
     def eval(self) -> CompatCellSAM:
         """No-op (inference only); returns the session, as ``nn.Module.eval`` returns the module."""
@@ -396,7 +396,7 @@ def cellsam_pipeline(
 
     Steps: per-channel min-max to [0, 1] (float32), optionally the released low-contrast
     enhancement, then either the whole image through ``segment_cellular_image``
-    (``use_wsi=False``) or tiles through ``cellsam_trt.tiling.segment_large``.
+    (``use_wsi=False``) or tiles through ``cellsam_trt.large.tiling.segment_large``.
 
     Tiling: the released code cuts ``block_size`` blocks, widens each by ``overlap`` on every
     side (neighbours share 2 x overlap pixels; image edges are padded periodically, i.e. with
@@ -434,7 +434,8 @@ def cellsam_pipeline(
         labels (H, W): 0 background, cells 1..K; int64 when segmented whole, int32 when
         tiled (uint32 above 65535 cells).
     """
-    from .tiling import check_tiling, segment_large
+    from .engine.options import check_tiling
+    from .large.tiling import segment_large
 
     del chunks, swap_channels, iou_depth, iou_threshold  # accepted for compatibility, unused (docstring)
     for name, value in (("block_size", block_size), ("overlap", overlap)):

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import postprocess as post
-from .embedding import ImageEmbedding
-from .options import SegmentOptions
+from .engine import postprocess as post
+from .engine import preprocess as pre
+from .engine.embedding import ImageEmbedding
+from .engine.options import SegmentOptions
 
 _NOTHING = (slice(0, 0), slice(0, 0))
 
@@ -151,7 +152,7 @@ class Annotation:
         Returns:
             each box's cell number, 0 where the IoU filter dropped its mask. One edit for ``undo``.
         """
-        from .pipeline import validate_boxes
+        from .engine.core import validate_boxes
 
         height, width = self.embedded.height, self.embedded.width
         boxes = validate_boxes(boxes, height, width)
@@ -159,8 +160,7 @@ class Annotation:
         if scores.shape != (len(boxes),):
             raise ValueError(f"scores: expected shape ({len(boxes)},) to match boxes, got {scores.shape}")
         size = self.session.backend.config.image_size
-        scale = np.array([size / width, size / height] * 2, np.float32)
-        return self._decode(boxes, torch.from_numpy(boxes * scale), scores)
+        return self._decode(boxes, torch.from_numpy(pre.boxes_to_model(boxes, height, width, size)), scores)
 
     @classmethod
     def from_cellfinder(cls, session: Any, embedded: ImageEmbedding, bbox_threshold: float | None = None) -> Annotation:
@@ -177,8 +177,8 @@ class Annotation:
         threshold = annotation._thresholds.bbox_threshold if bbox_threshold is None else bbox_threshold
         logits, boxes = (t.to(session.backend.device) for t in embedded.finder)
         scores, boxes_model = post.cellfinder_boxes(logits, boxes, size, threshold)
-        scale_back = np.array([embedded.width / size, embedded.height / size] * 2, np.float32)
-        annotation._decode(boxes_model.cpu().numpy() * scale_back, boxes_model, scores.float().cpu().numpy())
+        image_boxes = pre.boxes_to_image(boxes_model.cpu().numpy(), embedded.height, embedded.width, size)
+        annotation._decode(image_boxes, boxes_model, scores.float().cpu().numpy())
         annotation._done.clear()  # the starting point, not an edit
         return annotation
 

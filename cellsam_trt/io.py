@@ -262,6 +262,11 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def write_public(path: str | os.PathLike, data: bytes) -> Path:
+    """Atomically write ``data`` (``atomic_write``), readable as the umask allows."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
     """Delete temp files that ``atomic_write`` left beside ``path`` when its process was killed.
 
@@ -322,29 +327,3 @@ def write_labels_tiff_tiled(path: str | os.PathLike, labels: Any, tile: int = 10
 
     return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, tiles(), shape=(height, width), dtype=dtype,
                                                            tile=(tile, tile), compression="zlib", bigtiff=True))
-
-
-def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(H, W[, C]) image + (H, W) labels -> (H, W, 3) uint8 RGB with cells tinted and outlined."""
-    from skimage.color import label2rgb
-    from skimage.segmentation import find_boundaries
-
-    from .preprocess import format_image
-
-    planes = format_image(image)
-    shown = planes[..., 1:].max(axis=-1) if planes[..., 1].any() else planes[..., 2]
-    lo, hi = np.percentile(shown, [1, 99.5])
-    gray = np.clip((shown - lo) / max(hi - lo, 1e-12), 0, 1)
-    rgb = label2rgb(labels, image=gray, alpha=0.3, bg_label=0, image_alpha=1.0)
-    rgb[find_boundaries(labels, mode="inner")] = (1.0, 1.0, 0.0)
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-
-
-def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
-    import cv2
-
-    def write(tmp):
-        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[..., ::-1])):
-            raise OSError(f"could not write PNG {path}")
-
-    return atomic_write(path, write)

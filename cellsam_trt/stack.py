@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from .axes import Layout, resolve_layout
-from .options import SegmentOptions
+from .engine.options import SegmentOptions
+from .progress import progress_bar
 
 
 def frame_indices(layout: Layout) -> list[tuple[int, ...]]:
@@ -54,7 +55,7 @@ def segment_frames(session: Any, read: Callable[[tuple[int, ...]], np.ndarray], 
             frame's last (``read`` returns Y, X[, C]).
     """
     opts = SegmentOptions.of(options, **settings)
-    from .pipeline import NoCellsWarning
+    from .engine.core import NoCellsWarning
 
     pending: list[tuple[tuple[int, ...], np.ndarray]] = []
 
@@ -105,8 +106,8 @@ def segment_stack(session: Any, stack: Any, *, axes: str | None = None, return_d
         frame labelled 0 background, cells 1..K_f. With ``return_details``, a tuple.
     """
     opts = SegmentOptions.of(options, **settings)
+    from .engine.core import NoCellsWarning
     from .io import ImageFile
-    from .pipeline import NoCellsWarning
 
     if isinstance(stack, ImageFile):
         stack, axes = stack.array, axes if axes is not None else stack.axes
@@ -119,11 +120,7 @@ def segment_stack(session: Any, stack: Any, *, axes: str | None = None, return_d
     labels = np.zeros(layout.stack_shape + layout.plane_shape, np.int32)
     details: list = []
     empty: list[tuple[int, ...]] = []
-    bar = None
-    if opts.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(indices), desc="segmenting frames", unit="frame")
+    bar = progress_bar(len(indices), "segmenting frames", "frame", opts.progress)
     try:
         for index, frame_labels, frame_details in segment_frames(
                 session, lambda i: read_frame(stack, layout, i), indices, return_details=return_details,

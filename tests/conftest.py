@@ -8,10 +8,10 @@ import pytest
 import torch
 from export_shared import tiny_export
 
-from cellsam_trt.checkpoint import random_network
-from cellsam_trt.config import ModelConfig
-from cellsam_trt.synthetic import synthetic_cells
-from cellsam_trt.testing import steer_random_network
+from cellsam_trt.dev.steering import steer_random_network
+from cellsam_trt.dev.synthetic import synthetic_cells
+from cellsam_trt.modeling.checkpoint import random_network
+from cellsam_trt.modeling.config import ModelConfig
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -31,7 +31,7 @@ def steered_tiny(cell_image):
 @pytest.fixture(scope="session")
 def checkpoint(steered_tiny, tmp_path_factory) -> str:
     """``steered_tiny`` written as a checkpoint file in the released layout."""
-    from cellsam_trt.checkpoint import write_checkpoint
+    from cellsam_trt.modeling.checkpoint import write_checkpoint
 
     return str(write_checkpoint(steered_tiny, tmp_path_factory.mktemp("weights") / "tiny.pt"))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from cellsam_trt.checkpoint import write_checkpoint
-from cellsam_trt.export_onnx import export_checkpoint
+from cellsam_trt.graphs.onnx_export import export_checkpoint
+from cellsam_trt.modeling.checkpoint import write_checkpoint
 
 _CACHE: dict[int, tuple[Path, Path]] = {}
 

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-import cellsam_trt.checkpoint as ckpt
+import cellsam_trt.modeling.checkpoint as ckpt
 from cellsam_trt import CellSAM, InferenceConfig, NoCellsWarning, compat
-from cellsam_trt.checkpoint import CheckpointError, random_network, write_checkpoint
 
 # the calls below are written as in the released README / tutorial, with this import
 from cellsam_trt.compat import cellsam_pipeline, format_image_shape, get_model, normalize_image, segment_cellular_image
-from cellsam_trt.config import ModelConfig
-from cellsam_trt.postprocess import fill_holes_and_remove_small
-from cellsam_trt.preprocess import format_image
-from cellsam_trt.tiling import segment_large
+from cellsam_trt.engine.postprocess import fill_holes_and_remove_small
+from cellsam_trt.engine.preprocess import format_image
+from cellsam_trt.large.tiling import segment_large
+from cellsam_trt.modeling.checkpoint import CheckpointError, random_network, write_checkpoint
+from cellsam_trt.modeling.config import ModelConfig
 
 # decoder calls of 64 boxes: the tiny decoder is cheap, the default 4 per call (for ViT-B
 # on the CPU) would spend the tests' time in Python overhead
@@ -25,7 +25,7 @@ OPTIONS = InferenceConfig(chunk_size=64)
 
 @pytest.fixture(scope="module")
 def session(steered_tiny):
-    return compat.CompatCellSAM.from_network(steered_tiny, device="cpu", options=OPTIONS)
+    return compat.CompatCellSAM.from_network(steered_tiny, device="cpu", inference=OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_get_local_model_loads_the_released_file_unchanged(asset_dir, steered_ti
     with pytest.raises(ValueError, match="get_model\\(device="):
         model.to("cuda" if model.backend.device.type == "cpu" else "cpu")
     model.bbox_threshold = 0.3
-    assert model.options.bbox_threshold == 0.3
+    assert model.inference.bbox_threshold == 0.3
     with pytest.raises(ValueError, match="bbox_threshold"):
         model.bbox_threshold = 2
 
@@ -156,7 +156,7 @@ def test_normalize_false_takes_a_normalised_image(session, cell_image, finder_re
 
 
 def test_no_cells_as_released(cell_image):
-    untrained = compat.CompatCellSAM.from_network(random_network(ModelConfig.tiny(), seed=0), device="cpu", options=OPTIONS)
+    untrained = compat.CompatCellSAM.from_network(random_network(ModelConfig.tiny(), seed=0), device="cpu", inference=OPTIONS)
     image = cell_image[:64, :80]
     with pytest.warns(NoCellsWarning, match="No cells detected"):
         mask, embedding, boxes = segment_cellular_image(image, model=untrained)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from cellsam_trt import CellSAM, NoCellsWarning
-from cellsam_trt.checkpoint import random_network
-from cellsam_trt.config import ModelConfig
-from cellsam_trt.embedding import ImageEmbedding
+from cellsam_trt.engine.embedding import ImageEmbedding
 from cellsam_trt.interactive import Annotation
+from cellsam_trt.modeling.checkpoint import random_network
+from cellsam_trt.modeling.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +211,9 @@ def test_undo_and_redo_restore_the_labels_exactly_without_the_decoder(steered_ti
     boxes = np.concatenate([corner, corner + rng.uniform(12, 40, size=(30, 2))], 1).astype(np.float32)
     # a starting set decoded in the batched calls of one segment call, as from CellFinder
     start = Annotation(session, embedded, boxes=boxes[:20], scores=np.linspace(0.5, 0.9, 20))
-    from cellsam_trt.memory import fit_chunk_size
+    from cellsam_trt.engine.memory import fit_chunk_size
 
-    chunk = fit_chunk_size(session.backend.config, session.backend.device, h, w, session.options.chunk_size)
+    chunk = fit_chunk_size(session.backend.config, session.backend.device, h, w, session.inference.chunk_size)
     assert session.backend.calls["decoder"] == -(-20 // chunk) and not start.undo()
     np.testing.assert_array_equal(start.labels, session.segment(embedded, boxes=start.boxes))
     table = start.table()

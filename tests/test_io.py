@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from cellsam_trt.engine.source import open_image
 from cellsam_trt.io import read_image, write_label_stack_tiff
-from cellsam_trt.tiling import open_image
 
 
 @pytest.mark.parametrize("shape, kwargs, axes", [

@@ -6,9 +6,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cellsam_trt import postprocess as post
-from cellsam_trt import preprocess as pre
-from cellsam_trt.pipeline import CellSAM, validate_boxes
+from cellsam_trt.api import CellSAM
+from cellsam_trt.engine import postprocess as post
+from cellsam_trt.engine import preprocess as pre
+from cellsam_trt.engine.core import validate_boxes
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import tifffile
 
 import cellsam_trt.stack as stack_module
 from cellsam_trt import CellSAM, NoCellsWarning
-from cellsam_trt.cli import main
+from cellsam_trt.cli.main import main
+from cellsam_trt.dev.synthetic import synthetic_cells
 from cellsam_trt.stack import segment_stack
-from cellsam_trt.synthetic import synthetic_cells
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ What one run measures (a 1024x1024 3-channel generated cell image by default,
   stages - preprocess (CPU), CellFinder graph, box selection, encoder graph, decoder graph
   (all chunks), mask postprocess + labels (painting + clean-up) - as median and spread over
   repeats after warm-up, and the peak CUDA memory of each configuration;
-- the released algorithm (``cellsam_trt.reference.per_box_labels``: one decoder call per
+- the released algorithm (``cellsam_trt.dev.reference.per_box_labels``: one decoder call per
   box, full-resolution upsampling on the CPU, numpy painting) on the same device and
   weights, and the speed-up baseline / ours per N;
 - the preprocessing steps one by one (how much of it is scikit-image CLAHE);
@@ -37,7 +37,6 @@ The markdown tables and the PNG plot are made from the JSON by the repository's
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -51,14 +50,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import InferenceConfig, ModelConfig
+from ..api import CellSAM
+from ..dev.synthetic import bench_image, cell_boxes
+from ..engine.core import NoCellsWarning
 from ..io import atomic_write
-from ..pipeline import CellSAM, NoCellsWarning
+from ..modeling.config import InferenceConfig, ModelConfig
 from ..runtime.base import Backend, BackendError
-from ..synthetic import bench_image, cell_boxes
 from .machine import device_name, machine_info
 from .measure import measure_baseline, measure_pipeline, painter_bench, preprocess_breakdown
-from .options import BenchOptions, add_arguments, options_from_args
+from .options import BenchOptions
 from .timing import DeviceClock, TimedBackend, release_device_memory, row_failure, simulate_oom
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ VERSION = 1
 
 def _load_network(opts: BenchOptions, image: np.ndarray, device: torch.device):
     """(network, description): the checkpoint's weights, or random weights steered on ``image``."""
-    from ..checkpoint import load_checkpoint, random_network
-    from ..testing import steer_random_network
+    from ..dev.steering import steer_random_network
+    from ..modeling.checkpoint import load_checkpoint, random_network
 
     if opts.checkpoint:
         network = load_checkpoint(opts.checkpoint, config=ModelConfig.named(opts.config) if opts.config else None)
@@ -85,7 +85,7 @@ def _load_network(opts: BenchOptions, image: np.ndarray, device: torch.device):
     else:
         steer_random_network(network, image)
     log.info("random %s weights steered in %.1f s", name, time.perf_counter() - t0)
-    return network, {"weights": "random, steered on the bench image (cellsam_trt.testing)", "config": name,
+    return network, {"weights": "random, steered on the bench image (cellsam_trt.dev.steering)", "config": name,
                      "seed": opts.seed}
 
 
@@ -95,8 +95,8 @@ def _onnx_folder(opts: BenchOptions, network) -> str | None:
         return opts.onnx_dir
     if not opts.export_onnx:
         return None
-    from ..checkpoint import write_checkpoint
-    from ..export_onnx import export_checkpoint
+    from ..graphs.onnx_export import export_checkpoint
+    from ..modeling.checkpoint import write_checkpoint
 
     folder = Path(opts.export_onnx)
     checkpoint = write_checkpoint(network.cpu(), folder / "bench-weights.pt")
@@ -160,8 +160,8 @@ def run_bench(opts: BenchOptions, network=None) -> dict[str, Any]:
         "device_name": opts.name or device_name(device),
         "config": {
             "model": network.config.name, "weights": weights, "masks": masks, "image_shape": list(image.shape),
-            "image": f"cellsam_trt.synthetic.bench_image(size={opts.image_size}, n_cells={opts.cells}, seed={opts.seed})",
-            "boxes": f"cellsam_trt.synthetic.cell_boxes(n, {height}, {width}, seed={opts.seed + 1})",
+            "image": f"cellsam_trt.dev.synthetic.bench_image(size={opts.image_size}, n_cells={opts.cells}, seed={opts.seed})",
+            "boxes": f"cellsam_trt.dev.synthetic.cell_boxes(n, {height}, {width}, seed={opts.seed + 1})",
             "ns": list(opts.ns), "cellfinder_run": opts.cellfinder, "warmup": opts.warmup, "repeats": opts.repeats,
             "baseline_repeats": opts.baseline_repeats, "caps": dict(opts.caps), "inference": asdict(inference),
             "smoke": opts.smoke,
@@ -300,7 +300,7 @@ def fp16_accuracy(network, image: np.ndarray, inference: InferenceConfig, device
                   seed: int = 0) -> dict[str, Any]:
     """torch fp16 (autocast) against fp32 on the same weights, with the model's own masks:
     CellFinder's boxes, and 500 given boxes (``accuracy.precision_agreement``)."""
-    from ..accuracy import precision_agreement
+    from ..dev.accuracy import precision_agreement
     from ..runtime import TorchBackend
 
     fp32 = CellSAM(TorchBackend(network, device=device), inference)
@@ -318,7 +318,7 @@ def large_image_throughput(opts: BenchOptions, device: torch.device) -> dict[str
     With a checkpoint, CellFinder finds the cells; with random weights the slide's own cell
     boxes are decoded (random CellFinder weights keep an arbitrary number of boxes).
     """
-    from ..scale import throughput_report
+    from .throughput import throughput_report
 
     settings = dict(tile_size=1024, overlap=128, batch_size=4, n_workers=2)
     settings.update(opts.throughput_options)
@@ -378,18 +378,3 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines += [f"not measured: {k}: {v['reason']}" for k, v in report["backends"].items() if v["status"] != "ok"]
     return lines + [f"not measured: {s['what']} {s.get('boxes', '')} N={s.get('n')}: {s['reason']}"
                     for s in report["skipped"]]
-
-
-def run(args: argparse.Namespace) -> int:
-    opts = options_from_args(args)
-    report = run_bench(opts)
-    path = write_report(report, opts.out_dir)
-    print("\n".join(summary_lines(report)))
-    print(f"wrote {path} (tables and plot: python bench/report.py {path}, in a checkout of the repository)")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="latency per stage against the number of boxes, per backend, vs the per-box loop")
-    add_arguments(p)
-    p.set_defaults(func=run)

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import postprocess as post
-from .. import preprocess as pre
-from ..config import InferenceConfig
-from ..pipeline import CellSAM, NoCellsWarning
-from ..synthetic import cell_boxes, cell_logits
+from ..api import CellSAM
+from ..dev.synthetic import cell_boxes, cell_logits
+from ..engine import postprocess as post
+from ..engine import preprocess as pre
+from ..engine.core import NoCellsWarning
+from ..modeling.config import InferenceConfig
 from .timing import DeviceClock, peak_memory, summarize, sync
 
 
@@ -139,7 +140,7 @@ def measure_baseline(network: nn.Module, image: np.ndarray, boxes: np.ndarray | 
     Returns:
         the run record and the final labels of the last repeat.
     """
-    from ..reference import per_box_labels
+    from ..dev.reference import per_box_labels
 
     opts = options or InferenceConfig()
     size = network.config.image_size
@@ -176,8 +177,7 @@ def measure_baseline(network: nn.Module, image: np.ndarray, boxes: np.ndarray | 
                 _, model_boxes = post.select_boxes(scores, model_boxes, opts.bbox_threshold)
                 t0 = stage("boxes", t0, times)
             else:
-                scale = np.array([size / width, size / height] * 2, dtype=np.float32)
-                model_boxes = torch.from_numpy(np.asarray(boxes, dtype=np.float32) * scale).to(device)
+                model_boxes = torch.from_numpy(pre.boxes_to_model(boxes, height, width, size)).to(device)
             painted = per_box_labels(network, embedding, model_boxes, (height, width), opts.iou_threshold, opts.mask_threshold)
             t0 = stage("per_box", t0, times)
             labels = post.fill_holes_and_remove_small(painted, opts.min_size)
@@ -274,7 +274,7 @@ def per_box_paint(logits: Tensor, out_shape: tuple[int, int], model_size: int = 
     (N, L, L) logits -> (H, W) int64 labels: each mask upsampled L -> model_size ->
     out_shape (bilinear), thresholded, and painted as ``max(k * mask_k)``.
     """
-    from ..reference import paint_masks, upsample_mask
+    from ..dev.reference import paint_masks, upsample_mask
 
     return paint_masks([upsample_mask(low, model_size, out_shape, mask_threshold) for low in logits], out_shape)
 

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..dev.synthetic import cell_logits
 from ..runtime.base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory
-from ..synthetic import cell_logits
 
 # Comma-separated row names ("torch-fp32/user/10", "baseline/user/10", "decoder/sam_repeat/16")
 # whose measurement raises torch.cuda.OutOfMemoryError: how the per-row handling of a real

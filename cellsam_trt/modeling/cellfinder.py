@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import CellFinderConfig, ViTConfig
+from .config import CellFinderConfig, ViTConfig
 from .sam import build_image_encoder
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ModelConfig
 from .cellfinder import CellFinderWrapper
+from .config import ModelConfig
 from .sam import build_sam
 
 

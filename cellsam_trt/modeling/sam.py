@@ -12,7 +12,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from ..config import SAMConfig, ViTConfig
+from .config import SAMConfig, ViTConfig
 
 # SAM's pixel statistics (0..255 scale); the released CellSAM code divides them by 255.
 PIXEL_MEAN = (123.675, 116.28, 103.53)

@@ -76,7 +76,7 @@ class BoxEditor:
     def export(self, folder: str | Path, name: str) -> tuple[Path, Path]:
         """Write ``<name>_labels.tif`` (cells 1..K, as ``cellsam-trt segment``) and
         ``<name>_cells.csv`` (the command line's per-cell columns) into ``folder``."""
-        from ..batch import cell_rows, write_cells_csv
+        from ..cli.segment import cell_rows, write_cells_csv
         from ..io import write_labels_tiff
 
         folder = Path(folder)
@@ -106,7 +106,7 @@ class BoxEditor:
         self.cells.extend(int(n) for n in numbers)
         self._update_labels()
         self._drop_shapes_without_cells(f"{int((numbers == 0).sum())} drawn box(es) gave no cell (predicted IoU "
-                                        f"below {self.annotation.session.options.iou_threshold}, or an empty box)")
+                                        f"below {self.annotation.session.inference.iou_threshold}, or an empty box)")
 
     def _removed(self, indices: list[int]) -> None:
         cells = [self.cells[i] for i in indices if i < len(self.cells)]
@@ -128,7 +128,7 @@ class BoxEditor:
                 self.cells[i] = self.annotation.move(self.cells[i], box)
                 self._update_labels()
         self._drop_shapes_without_cells("the moved box gave no cell (predicted IoU below "
-                                        f"{self.annotation.session.options.iou_threshold})")
+                                        f"{self.annotation.session.inference.iou_threshold})")
 
     def _drop_shapes_without_cells(self, message: str) -> None:
         empty = [i for i, c in enumerate(self.cells) if c == 0]

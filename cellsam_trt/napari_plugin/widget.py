@@ -75,7 +75,7 @@ class CellSAMWidget(Container):
         """The ``CellSAM`` for the chosen weights and backend (loaded on first use, then kept)."""
         if self._session is not None and self._session_key is None:
             return self._session
-        from ..pipeline import CellSAM
+        from ..api import CellSAM
 
         path = str(self.checkpoint.value) if str(self.checkpoint.value) not in ("", ".") else None
         key = (path, self.backend.value)

@@ -22,7 +22,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 
 def create_backend(
     kind: str = "auto", *, checkpoint: Any = None, device: str | torch.device | None = None,
-    download: bool = False, cache: Any = None, build: bool | None = None, **options: Any,
+    download: bool = False, cache: Any = None, build: bool | None = None, **backend_options: Any,
 ) -> Backend:
     """Build a backend by name.
 
@@ -45,7 +45,7 @@ def create_backend(
             ``$CELLSAM_TRT_CACHE`` or the user cache folder).
         build: allow exporting graphs / building engines into the cache (default: yes,
             unless ``CELLSAM_TRT_NO_BUILD=1``).
-        **options: ``onnx_dir``, ``engine_dir``, and backend-specific options
+        **backend_options: ``onnx_dir``, ``engine_dir``, and backend-specific options
             (torch: precision, attention, compile; onnxruntime: providers, max_decoder_boxes, threads;
             tensorrt: verify_hashes). With "auto", options a backend does not take are
             not passed to it.
@@ -56,21 +56,21 @@ def create_backend(
     """
     if kind not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {kind!r}")
-    onnx_dir = options.pop("onnx_dir", None)
-    engine_dir = options.pop("engine_dir", None)
+    onnx_dir = backend_options.pop("onnx_dir", None)
+    engine_dir = backend_options.pop("engine_dir", None)
     builder = _Builder(checkpoint, device, download, cache, build)
     if kind == "onnxruntime":
-        return builder.onnxruntime(onnx_dir, options)
+        return builder.onnxruntime(onnx_dir, backend_options)
     if kind == "tensorrt":
-        return builder.tensorrt(engine_dir if engine_dir is not None else onnx_dir, options)
+        return builder.tensorrt(engine_dir if engine_dir is not None else onnx_dir, backend_options)
     if kind == "auto":
-        return builder.auto(onnx_dir, engine_dir, options)
-    return builder.torch(options)
+        return builder.auto(onnx_dir, engine_dir, backend_options)
+    return builder.torch(backend_options)
 
 
-def _accepted(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+def _accepted(cls: type, backend_options: dict[str, Any]) -> dict[str, Any]:
     params = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in options.items() if k in params}
+    return {k: v for k, v in backend_options.items() if k in params}
 
 
 class _Builder:
@@ -85,7 +85,7 @@ class _Builder:
 
     @property
     def cache(self):
-        from ..cache import ArtifactCache
+        from .cache import ArtifactCache
 
         if not isinstance(self._cache, ArtifactCache):
             self._cache = ArtifactCache(self._cache, build=self.build)
@@ -93,27 +93,27 @@ class _Builder:
 
     def checkpoint_file(self) -> Path:
         """The weights file (downloaded first when asked and absent); CheckpointError if missing."""
-        from ..checkpoint import locate_checkpoint
+        from ..modeling.checkpoint import locate_checkpoint
 
         return locate_checkpoint(self.checkpoint, download=self.download)
 
-    def torch(self, options: dict[str, Any]) -> TorchBackend:
-        from ..checkpoint import load_checkpoint
+    def torch(self, backend_options: dict[str, Any]) -> TorchBackend:
+        from ..modeling.checkpoint import load_checkpoint
 
-        return TorchBackend(load_checkpoint(self.checkpoint, download=self.download), device=self.device, **options)
+        return TorchBackend(load_checkpoint(self.checkpoint, download=self.download), device=self.device, **backend_options)
 
-    def onnxruntime(self, onnx_dir: Any, options: dict[str, Any]) -> OnnxRuntimeBackend:
+    def onnxruntime(self, onnx_dir: Any, backend_options: dict[str, Any]) -> OnnxRuntimeBackend:
         if onnx_dir is not None:
-            return OnnxRuntimeBackend(onnx_dir, checkpoint=self.checkpoint, device=self.device, **options)
+            return OnnxRuntimeBackend(onnx_dir, checkpoint=self.checkpoint, device=self.device, **backend_options)
         folder = self.cache.onnx_dir(self.checkpoint_file())
         # The cache has just checked the manifest (file hashes, checkpoint sha256).
-        options = {"verify_hashes": False, **options}
-        return OnnxRuntimeBackend(folder, device=self.device, **options)
+        backend_options = {"verify_hashes": False, **backend_options}
+        return OnnxRuntimeBackend(folder, device=self.device, **backend_options)
 
-    def tensorrt(self, engine_dir: Any, options: dict[str, Any]) -> TensorRTBackend:
+    def tensorrt(self, engine_dir: Any, backend_options: dict[str, Any]) -> TensorRTBackend:
         if engine_dir is not None:
-            return TensorRTBackend(engine_dir, checkpoint=self.checkpoint, device=self.device, **options)
-        from ..cache import EngineRequest
+            return TensorRTBackend(engine_dir, checkpoint=self.checkpoint, device=self.device, **backend_options)
+        from .cache import EngineRequest
         from .tensorrt_backend import current_gpu, require_tensorrt
 
         trt = require_tensorrt()
@@ -123,10 +123,10 @@ class _Builder:
         index = device.index if device.index is not None else torch.cuda.current_device()
         request = EngineRequest(gpu=current_gpu(device), tensorrt_version=str(trt.__version__), device=index)
         folder = self.cache.engine_dir(self.checkpoint_file(), request)
-        options = {"verify_hashes": False, **options}
-        return TensorRTBackend(folder, device=device, **options)
+        backend_options = {"verify_hashes": False, **backend_options}
+        return TensorRTBackend(folder, device=device, **backend_options)
 
-    def auto(self, onnx_dir: Any, engine_dir: Any, options: dict[str, Any]) -> Backend:
+    def auto(self, onnx_dir: Any, engine_dir: Any, backend_options: dict[str, Any]) -> Backend:
         """TensorRT, else ONNX Runtime, else torch; logs why each faster one was passed over."""
         device = resolve_device(self.device)
         passed_over: list[str] = []
@@ -136,26 +136,26 @@ class _Builder:
             engines = engine_dir if engine_dir is not None else onnx_dir
             if engines is not None and not (Path(engines).expanduser() / ENGINE_METADATA_NAME).is_file():
                 engines = None  # an export folder without engines: build them into the cache
-            backend = self._attempt("tensorrt", lambda: self.tensorrt(engines, _accepted(TensorRTBackend, options)),
+            backend = self._attempt("tensorrt", lambda: self.tensorrt(engines, _accepted(TensorRTBackend, backend_options)),
                                     passed_over)
             if backend is not None:
                 return backend
         else:
             passed_over.append(f"tensorrt: needs a CUDA GPU (device {device})")
-        ort_options = _accepted(OnnxRuntimeBackend, options)
+        ort_options = _accepted(OnnxRuntimeBackend, backend_options)
         if device.type == "cuda" and "providers" not in ort_options:
             if not _onnxruntime_has_cuda():
                 passed_over.append("onnxruntime: no CUDA provider (install onnxruntime-gpu); torch on the GPU "
                                    "is faster than ONNX Runtime on the CPU")
-                return self._last_resort(options, passed_over)
+                return self._last_resort(backend_options, passed_over)
             ort_options["providers"] = "cuda"
         backend = self._attempt("onnxruntime", lambda: self.onnxruntime(onnx_dir, ort_options), passed_over)
         if backend is not None:
             return backend
-        return self._last_resort(options, passed_over)
+        return self._last_resort(backend_options, passed_over)
 
     def _attempt(self, name: str, make, passed_over: list[str]) -> Backend | None:
-        from ..checkpoint import CheckpointError
+        from ..modeling.checkpoint import CheckpointError
 
         try:
             backend = make()
@@ -169,8 +169,8 @@ class _Builder:
                  "" if not passed_over else " (" + "; ".join(passed_over) + ")")
         return backend
 
-    def _last_resort(self, options: dict[str, Any], passed_over: list[str]) -> TorchBackend:
-        backend = self.torch(_accepted(TorchBackend, options))
+    def _last_resort(self, backend_options: dict[str, Any], passed_over: list[str]) -> TorchBackend:
+        backend = self.torch(_accepted(TorchBackend, backend_options))
         log.info("backend auto: using torch on %s (%s)", backend.device, "; ".join(passed_over))
         return backend
 

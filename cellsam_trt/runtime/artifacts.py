@@ -27,8 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig
+from ..modeling.config import ModelConfig
 from .base import BackendError
+
+# The graphs' identity, part of every manifest and of the artifact cache's keys.
+OPSET = 17
+# Recorded in the manifest and in the artifact cache's keys: another exporter, another graph.
+EXPORTER = "torch.onnx.export(dynamo=False)"
+# What the graphs compute, as opposed to which tool wrote them: bumped whenever a module's
+# forward changes the operations it records (2: the decoder's reassociated cross attention),
+# so that a cached export of the earlier formulation is not reused.
+GRAPH_REVISION = 2
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "cellsam-trt-onnx"
@@ -37,7 +46,7 @@ ENGINE_METADATA_NAME = "engines.json"
 ENGINE_METADATA_FORMAT = "cellsam-trt-engines"
 ENGINE_METADATA_VERSION = 1
 GRAPH_NAMES = ("encoder", "cellfinder", "decoder")
-# fp32: the traced graphs; fp16: their mixed-precision versions (cellsam_trt.mixed_precision)
+# fp32: the traced graphs; fp16: their mixed-precision versions (cellsam_trt.graphs.mixed_precision)
 PRECISIONS = ("fp32", "fp16")
 BATCH_DIM = "batch"
 BOXES_DIM = "num_boxes"
@@ -143,7 +152,7 @@ def format_shape(shape: Sequence[int | str]) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    from ..checkpoint import file_sha256 as sha
+    from ..modeling.checkpoint import file_sha256 as sha
 
     return sha(path)
 
@@ -166,6 +175,21 @@ def read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
         raise BackendError(f"{what}: {path} is not readable JSON ({err}). {hint}") from None
     if not isinstance(data, dict):
         raise BackendError(f"{what}: {path} does not hold a JSON object. {hint}")
+    return data
+
+
+def read_record(folder: Path, name: str, what: str, hint: str, record: tuple[str, int], kind: str) -> dict[str, Any]:
+    """The versioned JSON record ``folder / name`` (an export's manifest, an engine folder's
+    metadata): BackendError when the folder or file is missing, unreadable, or of another
+    ``record`` (format, version); ``kind`` says what it should have been."""
+    if not folder.is_dir():
+        raise BackendError(f"{what}: {folder} is not a folder. {hint}")
+    data = read_json(folder / name, what, hint)
+    if (data.get("format"), data.get("version")) != record:
+        raise BackendError(
+            f"{what}: {folder / name} is not {kind} (format {data.get('format')!r} version {data.get('version')!r}, "
+            f"expected {record[0]!r} version {record[1]}). {hint}"
+        )
     return data
 
 
@@ -244,15 +268,8 @@ def load_manifest(
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     folder = Path(folder).expanduser()
     hint = export_hint(folder)
-    if not folder.is_dir():
-        raise BackendError(f"onnx_dir: {folder} is not a folder. {hint}")
-    data = read_json(folder / MANIFEST_NAME, "onnx_dir", hint)
-    if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
-        raise BackendError(
-            f"onnx_dir: {folder / MANIFEST_NAME} is not a cellsam-trt export manifest "
-            f"(format {data.get('format')!r} version {data.get('version')!r}, expected "
-            f"{MANIFEST_FORMAT!r} version {MANIFEST_VERSION}). {hint}"
-        )
+    data = read_record(folder, MANIFEST_NAME, "onnx_dir", hint, (MANIFEST_FORMAT, MANIFEST_VERSION),
+                       "a cellsam-trt export manifest")
     try:
         config = ModelConfig.from_dict(data["model_config"])
         uses_model_cp = bool(data["uses_model_cp"])

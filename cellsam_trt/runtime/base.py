@@ -6,7 +6,7 @@ import abc
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig
+from ..modeling.config import ModelConfig
 
 
 class BackendError(RuntimeError):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig
+from ..modeling.config import ModelConfig
 from .artifacts import (
     ENGINE_METADATA_FORMAT,
     ENGINE_METADATA_NAME,
@@ -33,7 +33,7 @@ from .artifacts import (
     check_checkpoint_hash,
     check_input,
     file_sha256,
-    read_json,
+    read_record,
 )
 from .base import Backend, BackendError, OutOfDeviceMemory, in_batches
 from .torch_backend import resolve_device
@@ -89,14 +89,8 @@ def load_engine_metadata(engine_dir: str | os.PathLike, graphs: Sequence[str] = 
     """
     folder = Path(engine_dir).expanduser()
     hint = build_hint(None, folder)
-    if not folder.is_dir():
-        raise BackendError(f"engine_dir: {folder} is not a folder. {hint}")
-    meta = read_json(folder / ENGINE_METADATA_NAME, "engine_dir", hint)
-    if meta.get("format") != ENGINE_METADATA_FORMAT or meta.get("version") != ENGINE_METADATA_VERSION:
-        raise BackendError(
-            f"engine_dir: {folder / ENGINE_METADATA_NAME} is not cellsam-trt engine metadata (format "
-            f"{meta.get('format')!r} version {meta.get('version')!r}). {hint}"
-        )
+    meta = read_record(folder, ENGINE_METADATA_NAME, "engine_dir", hint,
+                       (ENGINE_METADATA_FORMAT, ENGINE_METADATA_VERSION), "cellsam-trt engine metadata")
     hint = build_hint(meta.get("onnx_dir"), folder)
     try:
         meta["gpu"]["name"], meta["gpu"]["compute_capability"], meta["tensorrt_version"]
