@@ -139,14 +139,14 @@ def test_worker_device_with_several_gpus(monkeypatch, visible, name, expected):
 
 @pytest.mark.slow
 def test_a_failed_run_resumes_to_the_uninterrupted_labels(client, checkpoint, session, tmp_path, monkeypatch):
-    from cellsam_trt.large import tiling
+    from cellsam_trt.large import plan
 
     image, cells = synthetic_slide(700, 640, seed=5)
     options = dict(tile_size=256, overlap=64, batch_size=2, boxes=cells[::4], return_details=True)
     expected, exp_details = segment_large(session, image, **options)
     assert expected.max() >= 5
 
-    real = tiling.segment_tile_batch
+    real = plan.segment_tile_batch
     ran: list[tuple[int, ...]] = []
 
     def failing(session, grid, indices, *args, **kwargs):
@@ -156,7 +156,7 @@ def test_a_failed_run_resumes_to_the_uninterrupted_labels(client, checkpoint, se
         return real(session, grid, indices, *args, **kwargs)
 
     out = tmp_path / "out.zarr"
-    monkeypatch.setattr(tiling, "segment_tile_batch", failing)
+    monkeypatch.setattr(plan, "segment_tile_batch", failing)
     with pytest.raises(RuntimeError, match="staged"):
         segment_dask(image, client, output=out, checkpoint=checkpoint, **options)
     finished = {i for batch in ran for i in batch}
@@ -166,7 +166,7 @@ def test_a_failed_run_resumes_to_the_uninterrupted_labels(client, checkpoint, se
         ran.append(tuple(indices))
         return real(session, grid, indices, *args, **kwargs)
 
-    monkeypatch.setattr(tiling, "segment_tile_batch", counting)
+    monkeypatch.setattr(plan, "segment_tile_batch", counting)
     with pytest.raises(FileExistsError, match="resume=True"):
         segment_dask(image, client, output=out, checkpoint=checkpoint, **options)
     with pytest.raises(ValueError, match="another image, other weights or other settings"):
