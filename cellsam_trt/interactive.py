@@ -192,7 +192,7 @@ class Annotation:
             self.decoder_calls += 1
             iou = iou[:, 0].float().cpu().numpy()  # one transfer per chunk, not one per cell
             for j, k in enumerate(rows.tolist()):  # kept masks took consecutive numbers
-                cell = _Cell.of(boxes[start + k], logits[k, 0], windows[j], float(iou[k]), float(scores[start + k]))
+                cell = _Cell.of(boxes[start + k], logits[j, 0], windows[j], float(iou[k]), float(scores[start + k]))
                 self._cells[first + j] = cell
                 steps.append(("add", first + j, cell))
                 numbers[start + k] = first + j

@@ -178,13 +178,13 @@ class _SmallMemoryBackend:
     def __init__(self, inner, limit):
         self.inner, self.limit, self.calls = inner, limit, []
 
-    def decoder(self, embedding, boxes, *, last_call=False):
+    def decoder(self, embedding, boxes, *, keep_iou=None, last_call=False):
         from cellsam_trt.runtime import OutOfDeviceMemory
 
         self.calls.append(len(boxes))
         if len(boxes) > self.limit:
             raise OutOfDeviceMemory(f"{len(boxes)} boxes do not fit")
-        return self.inner.decoder(embedding, boxes, last_call=last_call)
+        return self.inner.decoder(embedding, boxes, keep_iou=keep_iou, last_call=last_call)
 
 
 def _with_decoder(session, fake):
@@ -194,8 +194,8 @@ def _with_decoder(session, fake):
         def __init__(self):
             self.__dict__.update(session.backend.__dict__)
 
-        def decoder(self, embedding, boxes, *, last_call=False):
-            return fake.decoder(embedding, boxes, last_call=last_call)
+        def decoder(self, embedding, boxes, *, keep_iou=None, last_call=False):
+            return fake.decoder(embedding, boxes, keep_iou=keep_iou, last_call=last_call)
 
     return CellSAM(Patched(), session.inference)
 

@@ -130,13 +130,15 @@ def ring_decoder_session(steered_tiny):
     windowing is then compared exactly, with holes that swallow other cells."""
     import torch
 
+    from cellsam_trt.runtime.base import kept_masks
+
     session = counting_session(steered_tiny)
     backend = session.backend
     low = backend.config.sam.low_res_size
     step = backend.config.image_size / low
     grid = (torch.arange(low, dtype=torch.float32) + 0.5) * step  # low-res pixel centres, model pixels
 
-    def decoder(embedding, boxes, *, last_call=False):
+    def decoder(embedding, boxes, *, keep_iou=None, last_call=False):
         backend.calls["decoder"] += 1
         x0, y0, x1, y1 = (boxes[:, k, None, None].float() for k in range(4))
         cy, cx, ry, rx = (y0 + y1) / 2, (x0 + x1) / 2, (y1 - y0) / 2, (x1 - x0) / 2
@@ -144,7 +146,7 @@ def ring_decoder_session(steered_tiny):
         ring = (r < 1) & ((r > 0.25) | (rx < 3 * step))
         logits = torch.where(ring, 6.0, -6.0)[:, None]
         iou = torch.where((x1 - x0)[:, 0, 0] > 25 * step / 4, 0.95, 0.05)[:, None]  # thin boxes fail the filter
-        return logits, iou
+        return kept_masks(logits, iou, keep_iou), iou
 
     backend.decoder = decoder
     return session

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..dev.synthetic import cell_logits
-from ..runtime.base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory
+from ..runtime.base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, kept_rows
 
 # Comma-separated row names ("torch-fp32/user/10", "baseline/user/10", "decoder/sam_repeat/16")
 # whose measurement raises torch.cuda.OutOfMemoryError: how the per-row handling of a real
@@ -127,13 +127,16 @@ class TimedBackend(Backend):
         with self.clock.region("cellfinder"):
             return self.inner.cellfinder(images)
 
-    def decoder(self, embedding: Tensor, boxes: Tensor, *, last_call: bool = False) -> tuple[Tensor, Tensor]:
+    def decoder(self, embedding: Tensor, boxes: Tensor, *, keep_iou: float | None = None,
+                last_call: bool = False) -> tuple[Tensor, Tensor]:
         with self.clock.region("decoder"):
-            masks, iou = self.inner.decoder(embedding, boxes, last_call=last_call)
+            masks, iou = self.inner.decoder(embedding, boxes, keep_iou=keep_iou, last_call=last_call)
         self.decoder_calls += 1
         if self.cell_masks:
             with self.clock.region("synthetic_masks"):
-                masks = cell_logits(boxes.to(masks.device), masks.shape[-1], self.config.image_size)[:, None]
+                rows = kept_rows(iou, keep_iou)
+                kept = boxes if rows is None else boxes[rows.to(boxes.device)]
+                masks = cell_logits(kept.to(masks.device), masks.shape[-1], self.config.image_size)[:, None]
         return masks, iou
 
     def synchronize(self) -> None:

@@ -324,11 +324,13 @@ class GraphCore:
         """Decode (N, 4) model-space boxes in chunks and paint the masks passing the IoU filter,
         numbered ``first_label``, ``first_label + 1``, ... in box order.
 
-        Returns the indices of the kept boxes and their IoU predictions. A chunk that runs out
-        of device memory is retried at half the size (masks are painted with max(), so
-        re-painting part of a chunk changes nothing); only a single box that does not fit is
-        an error. ``on_chunk(start, first label, mask logits (n, 1, L, L), iou (n, 1), kept
-        rows of the chunk, the painter's (k, 8) windows of the kept masks)`` is called once per
+        Returns the indices of the kept boxes and their IoU predictions. The backend computes
+        masks only for the boxes that pass the IoU filter (``Backend.decoder``'s
+        ``keep_iou``). A chunk that runs out of device memory is retried at half the size
+        (masks are painted with max(), so re-painting part of a chunk changes nothing); only a
+        single box that does not fit is an error. ``on_chunk(start, first label, mask logits
+        of the kept boxes (k, 1, L, L), iou of every box of the chunk (n, 1), the kept rows of
+        the chunk (k,), the painter's (k, 8) windows of the kept masks)`` is called once per
         chunk that went through.
         """
         backend = self.backend
@@ -340,10 +342,11 @@ class GraphCore:
         while start < len(boxes):
             part = boxes[start:start + chunk]
             try:
-                mask_logits, iou = backend.decoder(embedding, part, last_call=start + len(part) >= len(boxes))
+                mask_logits, iou = backend.decoder(embedding, part, keep_iou=opts.iou_threshold,
+                                                   last_call=start + len(part) >= len(boxes))
                 keep = iou[:, 0] >= opts.iou_threshold
                 # labels follow the kept order, so chunks are painted in order
-                windows = painter.paint(mask_logits[keep, 0], next_label)
+                windows = painter.paint(mask_logits[:, 0], next_label)
             except RuntimeError as err:
                 # the backend's OutOfDeviceMemory, or the painter's own allocations failing
                 if not (isinstance(err, OutOfDeviceMemory) or is_out_of_memory(err)):

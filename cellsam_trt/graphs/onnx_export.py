@@ -37,6 +37,7 @@ from ..modeling import CellSAMNetwork
 from ..modeling.config import ModelConfig
 from ..progress import progress_bar
 from ..runtime.artifacts import (
+    BOX_GRAPHS,
     EXPORTER,
     GRAPH_NAMES,
     GRAPH_REVISION,
@@ -63,7 +64,7 @@ class ExportError(RuntimeError):
 
 
 def graph_modules(network: CellSAMNetwork) -> dict[str, nn.Module]:
-    """The three modules to export (``CellSAMNetwork.graphs``, as the torch backend runs them), in eval mode."""
+    """The modules to export (``CellSAMNetwork.graphs``, as the torch backend runs them), in eval mode."""
     network.eval()
     return {name: module.eval() for name, module in network.graphs().items()}
 
@@ -101,7 +102,7 @@ def export_graph(
 
     Args:
         module: the torch module of ``graph`` (see ``graph_modules``).
-        graph: "encoder", "cellfinder" or "decoder".
+        graph: one of ``GRAPH_NAMES`` (encoder, cellfinder, decoder, mask_head).
         config: architecture (gives the contract shapes).
         path: destination; written atomically (with ``<name>.data`` beside it above 2 GB).
         opset: ONNX opset (>= 17 keeps LayerNorm as one node).
@@ -172,7 +173,7 @@ def export_graph(
         data_path = path.parent / entry["external_data"]["file"]
         entry["external_data"].update(sha256=file_sha256(data_path), size_bytes=data_path.stat().st_size)
     entry["export_seconds"] = round(seconds, 3)
-    entry["trace_sample"] = {"batch": batch} if graph != "decoder" else {"num_boxes": num_boxes}
+    entry["trace_sample"] = {"num_boxes": num_boxes} if graph in BOX_GRAPHS else {"batch": batch}
     return entry
 
 
@@ -312,7 +313,7 @@ def export_network(
     Args:
         network: weights (a loaded checkpoint or in-memory).
         out_dir: folder to write (created).
-        graphs: subset of ("encoder", "cellfinder", "decoder").
+        graphs: subset of ``GRAPH_NAMES``.
         checkpoint: the file the weights came from (default: ``network.checkpoint_path``,
             set by ``load_checkpoint``); its sha256 goes into the manifest.
         checkpoint_sha256: the hash, if already computed.

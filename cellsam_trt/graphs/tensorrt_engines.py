@@ -39,6 +39,7 @@ import torch
 
 from ..io import write_public
 from ..runtime.artifacts import (
+    BOX_GRAPHS,
     ENGINE_METADATA_FORMAT,
     ENGINE_METADATA_NAME,
     ENGINE_METADATA_VERSION,
@@ -46,7 +47,7 @@ from ..runtime.artifacts import (
     GRAPH_SPECS,
     MANIFEST_NAME,
     PRECISIONS,
-    decoder_profile_shapes,
+    box_profile_shapes,
     file_sha256,
     image_profile_shapes,
     load_manifest,
@@ -94,8 +95,8 @@ def layer_precisions(trt, network) -> dict[str, int]:
 
 def profile_shapes(config, graph: str, *, max_batch: int, max_boxes: int, opt_boxes: int) -> dict[str, tuple]:
     """(min, opt, max) shapes of every input of ``graph``."""
-    if graph == "decoder":
-        return decoder_profile_shapes(config, max_boxes, opt_boxes)
+    if graph in BOX_GRAPHS:
+        return box_profile_shapes(config, graph, max_boxes, opt_boxes)
     return image_profile_shapes(config, graph, max_batch, opt_batch=1)
 
 

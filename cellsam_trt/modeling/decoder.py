@@ -42,6 +42,20 @@ class BoxDecoder(nn.Module):
         self.mask_decoder = mask_decoder
 
     def forward(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        keys, hyper, iou = self.decode_tokens(embedding, boxes)
+        return self.mask_head(keys, hyper), iou
+
+    def decode_tokens(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Everything but the mask head, for all N boxes: embedding (1, C, G, G), boxes (N, 4) ->
+
+        - keys (N, G*G, C): the image tokens after the two-way transformer,
+        - hyper (N, C / 8): the first mask token's hypernetwork output,
+        - iou (N, 1): the predicted IoU of that mask.
+
+        ``mask_head(keys, hyper)`` then makes the masks, for all rows or only those worth
+        keeping (say, boxes whose IoU passes a threshold): the mask head is most of the
+        decoder's arithmetic per box.
+        """
         decoder = self.mask_decoder
         transformer = decoder.transformer
         sparse, _ = self.prompt_encoder(points=None, boxes=boxes, masks=None)
@@ -51,7 +65,6 @@ class BoxDecoder(nn.Module):
 
         # without a mask prompt the dense embedding is the no-mask embedding, for every box
         src = embedding + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        h, w = src.shape[-2:]
         keys = src.flatten(2).permute(0, 2, 1)  # (1, HW, C)
         key_pe = self.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)  # (1, HW, C)
 
@@ -62,9 +75,14 @@ class BoxDecoder(nn.Module):
         hs = transformer.norm_final_attn(queries + attn_out)
 
         hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1, :])  # (N, C / 8)
-        masks = _upscaled_masks(decoder.output_upscaling, keys, hyper, h, w)
         iou = decoder.iou_prediction_head(hs[:, 0, :])[:, :1]
-        return masks, iou
+        return keys, hyper, iou
+
+    def mask_head(self, keys: Tensor, hyper: Tensor) -> Tensor:
+        """Mask logits (N, 1, 4G, 4G) from ``decode_tokens``' keys (N, G*G, C) and hyper (N, C / 8),
+        for whichever rows are passed (``keys[kept], hyper[kept]``)."""
+        h, w = self.prompt_encoder.image_embedding_size
+        return _upscaled_masks(self.mask_decoder.output_upscaling, keys, hyper, h, w)
 
     def forward_per_box_repeat(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
         """SAM's own batched call (the image side repeated N times); same outputs as ``forward``."""

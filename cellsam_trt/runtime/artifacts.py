@@ -35,9 +35,11 @@ OPSET = 17
 # Recorded in the manifest and in the artifact cache's keys: another exporter, another graph.
 EXPORTER = "torch.onnx.export(dynamo=False)"
 # What the graphs compute, as opposed to which tool wrote them: bumped whenever a module's
-# forward changes the operations it records (2: the decoder's reassociated cross attention),
-# so that a cached export of the earlier formulation is not reused.
-GRAPH_REVISION = 2
+# forward changes the operations it records (2: the decoder's reassociated cross attention;
+# 3: the decoder split in two, the mask head a graph of its own that runs only for the boxes
+# whose predicted IoU passes the filter), so that a cached export of an earlier formulation
+# is not reused.
+GRAPH_REVISION = 3
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "cellsam-trt-onnx"
@@ -45,7 +47,9 @@ MANIFEST_VERSION = 1
 ENGINE_METADATA_NAME = "engines.json"
 ENGINE_METADATA_FORMAT = "cellsam-trt-engines"
 ENGINE_METADATA_VERSION = 1
-GRAPH_NAMES = ("encoder", "cellfinder", "decoder")
+GRAPH_NAMES = ("encoder", "cellfinder", "decoder", "mask_head")
+# the graphs whose first dimension is the number of boxes (the others: the image batch)
+BOX_GRAPHS = ("decoder", "mask_head")
 # fp32: the traced graphs; fp16: their mixed-precision versions (cellsam_trt.graphs.mixed_precision)
 PRECISIONS = ("fp32", "fp16")
 BATCH_DIM = "batch"
@@ -79,7 +83,8 @@ class GraphSpec:
 GRAPH_SPECS: dict[str, GraphSpec] = {
     "encoder": GraphSpec("encoder", ("image",), ("embedding",)),
     "cellfinder": GraphSpec("cellfinder", ("image",), ("logits", "boxes")),
-    "decoder": GraphSpec("decoder", ("embedding", "boxes"), ("mask_logits", "iou")),
+    "decoder": GraphSpec("decoder", ("embedding", "boxes"), ("iou", "image_tokens", "hyper")),
+    "mask_head": GraphSpec("mask_head", ("image_tokens", "hyper"), ("mask_logits",)),
 }
 
 
@@ -104,13 +109,19 @@ def io_shapes(config: ModelConfig, graph: str) -> dict[str, Shape]:
             "logits": (BATCH_DIM, queries, finder.num_classes),
             "boxes": (BATCH_DIM, queries, 4),
         }
+    # the decoder works at the prompt width; its hypernetwork at an eighth of it
+    tokens = (BOXES_DIM, grid * grid, config.sam.prompt_embed_dim)
+    hyper = (BOXES_DIM, config.sam.prompt_embed_dim // 8)
     if graph == "decoder":
         return {
             "embedding": (1, chans, grid, grid),
             "boxes": (BOXES_DIM, 4),
-            "mask_logits": (BOXES_DIM, 1, low, low),
             "iou": (BOXES_DIM, 1),
+            "image_tokens": tokens,
+            "hyper": hyper,
         }
+    if graph == "mask_head":
+        return {"image_tokens": tokens, "hyper": hyper, "mask_logits": (BOXES_DIM, 1, low, low)}
     raise ValueError(f"graph: expected one of {GRAPH_NAMES}, got {graph!r}")
 
 
@@ -329,16 +340,18 @@ def check_checkpoint_hash(recorded: str | None, checkpoint: str | os.PathLike, w
         )
 
 
-def decoder_profile_shapes(config: ModelConfig, max_boxes: int, opt_boxes: int = 256) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """TensorRT (min, opt, max) shapes of the decoder inputs."""
+def box_profile_shapes(config: ModelConfig, graph: str, max_boxes: int, opt_boxes: int = 256
+                       ) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """TensorRT (min, opt, max) shapes of the inputs of ``decoder`` or ``mask_head``: 1,
+    ``opt_boxes`` and ``max_boxes`` boxes (rows of the mask head)."""
+    if graph not in BOX_GRAPHS:
+        raise ValueError(f"graph: expected one of {BOX_GRAPHS}, got {graph!r}")
     if max_boxes < 1:
         raise ValueError(f"max_boxes: expected a positive integer, got {max_boxes}")
-    shapes = io_shapes(config, "decoder")
+    shapes = io_shapes(config, graph)
     opt = max(1, min(opt_boxes, max_boxes))
-    return {
-        "embedding": (shapes["embedding"],) * 3,
-        "boxes": ((1, 4), (opt, 4), (max_boxes, 4)),
-    }
+    return {name: tuple(tuple(n if d == BOXES_DIM else d for d in shapes[name]) for n in (1, opt, max_boxes))
+            for name in GRAPH_SPECS[graph].inputs}
 
 
 def image_profile_shapes(config: ModelConfig, graph: str, max_batch: int, opt_batch: int = 1) -> dict[str, tuple[tuple, tuple, tuple]]:

@@ -52,6 +52,21 @@ def in_batches(run, images: Tensor, max_batch: int | None) -> list[Tensor]:
     return list(parts[0]) if len(parts) == 1 else [torch.cat(outs, dim=0) for outs in zip(*parts)]
 
 
+def kept_rows(iou: Tensor, keep_iou: float | None) -> Tensor | None:
+    """Indices (K,) int64 of the rows of ``iou`` (N, 1) at or above ``keep_iou``, in order;
+    None for ``keep_iou=None`` (every row). The pipeline's IoU filter, in one place."""
+    if keep_iou is None:
+        return None
+    return torch.nonzero(iou[:, 0] >= keep_iou)[:, 0]
+
+
+def kept_masks(mask_logits: Tensor, iou: Tensor, keep_iou: float | None) -> Tensor:
+    """``Backend.decoder``'s mask selection for a backend that computed every box's mask:
+    mask_logits (N, 1, L, L) -> the rows that ``kept_rows`` keeps."""
+    rows = kept_rows(iou, keep_iou)
+    return mask_logits if rows is None else mask_logits[rows]
+
+
 class Backend(abc.ABC):
     """Runs the three CellSAM graphs on tensors.
 
@@ -81,9 +96,15 @@ class Backend(abc.ABC):
         """images (B, 3, S, S) -> logits (B, Q, classes), boxes (B, Q, 4) cxcywh in [0, 1]."""
 
     @abc.abstractmethod
-    def decoder(self, embedding: Tensor, boxes: Tensor, *, last_call: bool = False) -> tuple[Tensor, Tensor]:
+    def decoder(self, embedding: Tensor, boxes: Tensor, *, keep_iou: float | None = None,
+                last_call: bool = False) -> tuple[Tensor, Tensor]:
         """embedding (1, C, S/16, S/16), boxes (N, 4) xyxy in S-space ->
-        mask_logits (N, 1, S/4, S/4), iou (N, 1). N <= max_decoder_boxes.
+        mask_logits (K, 1, S/4, S/4) float32, iou (N, 1) float32. N <= max_decoder_boxes.
+
+        ``keep_iou``: None gives every box's mask (K = N); a threshold gives the masks of
+        only the boxes whose predicted IoU is at least that, in box order (K = the number of
+        ``iou[:, 0] >= keep_iou``): the mask head, about half of a box's work, runs only for
+        them (``kept_masks`` does the selection for a backend that computes every mask).
 
         ``last_call``: the caller's last decoder call for this embedding. A backend that
         keeps buffers between decoder calls (ONNX Runtime's CPU arena) gives them back

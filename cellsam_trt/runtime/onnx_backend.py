@@ -12,17 +12,26 @@ import torch
 from torch import Tensor
 
 from .artifacts import (
+    BOX_GRAPHS,
     GRAPH_NAMES,
     GRAPH_SPECS,
     PRECISIONS,
     bind_symbols,
+    box_profile_shapes,
     check_input,
-    decoder_profile_shapes,
     image_profile_shapes,
     load_manifest,
     resolve_shape,
 )
-from .base import Backend, BackendError, OutOfDeviceMemory, in_batches, is_out_of_memory, release_cached_memory
+from .base import (
+    Backend,
+    BackendError,
+    OutOfDeviceMemory,
+    in_batches,
+    is_out_of_memory,
+    kept_rows,
+    release_cached_memory,
+)
 from .torch_backend import resolve_device
 
 log = logging.getLogger(__name__)
@@ -171,7 +180,7 @@ class OnnxRuntimeBackend(Backend):
             # their allocation (-22 % per box at 8 boxes per call, 0.5 GiB kept); the
             # encoder and CellFinder run once per image and lose ~3 % without it
             # (bench/NOTES.md, section 4).
-            options.enable_cpu_mem_arena = (graph == "decoder") if cpu_arena is None else cpu_arena
+            options.enable_cpu_mem_arena = (graph in BOX_GRAPHS) if cpu_arena is None else cpu_arena
             self.sessions[graph] = self._session(ort, graph, options, cache, trt_max_batch)
         # what the decoder's last call of an image gives back (GPU providers keep their
         # activations on the device)
@@ -186,8 +195,8 @@ class OnnxRuntimeBackend(Backend):
             elif p == CUDA:
                 out.append((p, {"device_id": self._gpu_id}))
             else:
-                if graph == "decoder":
-                    profile = decoder_profile_shapes(self.config, self.max_decoder_boxes or 1024)
+                if graph in BOX_GRAPHS:
+                    profile = box_profile_shapes(self.config, graph, self.max_decoder_boxes or 1024)
                 else:
                     profile = image_profile_shapes(self.config, graph, trt_max_batch)
 
@@ -271,13 +280,21 @@ class OnnxRuntimeBackend(Backend):
         logits, boxes = in_batches(lambda part: self._run("cellfinder", {"image": part}), images, self.max_batch)
         return logits, boxes
 
-    def decoder(self, embedding: Tensor, boxes: Tensor, *, last_call: bool = False) -> tuple[Tensor, Tensor]:
+    def decoder(self, embedding: Tensor, boxes: Tensor, *, keep_iou: float | None = None,
+                last_call: bool = False) -> tuple[Tensor, Tensor]:
         if self.max_decoder_boxes is not None and len(boxes) > self.max_decoder_boxes:
             raise ValueError(f"boxes: {len(boxes)} boxes exceed max_decoder_boxes={self.max_decoder_boxes}; chunk them")
         # ONNX Runtime gives arena memory back only at the end of a run that asks for it:
         # the image's last decoder call does, so the next encoder call starts without it.
         options = self._release_arena if last_call and self._decoder_arena else None
-        masks, iou = self._run("decoder", {"embedding": embedding, "boxes": boxes}, options)
+        iou, image_tokens, hyper = self._run("decoder", {"embedding": embedding, "boxes": boxes}, options)
+        rows = kept_rows(iou, keep_iou)
+        if rows is not None:
+            image_tokens, hyper = image_tokens[rows], hyper[rows]
+        if len(image_tokens) == 0:  # no box passed: the mask head has nothing to do
+            low = self.config.sam.low_res_size
+            return torch.zeros((0, 1, low, low), dtype=torch.float32, device=self.device), iou
+        (masks,) = self._run("mask_head", {"image_tokens": image_tokens, "hyper": hyper}, options)
         return masks, iou
 
     def describe(self) -> dict[str, Any]:

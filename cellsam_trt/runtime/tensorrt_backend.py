@@ -35,7 +35,7 @@ from .artifacts import (
     file_sha256,
     read_record,
 )
-from .base import Backend, BackendError, OutOfDeviceMemory, in_batches
+from .base import Backend, BackendError, OutOfDeviceMemory, in_batches, kept_rows
 from .torch_backend import resolve_device
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,8 @@ class TensorRTBackend(Backend):
         self.runners = {graph: EngineRunner(trt, self.runtime, path, graph, self.device, hint)
                         for graph, path in engine_files(meta, folder, verify_hashes).items()}
         self.stream = torch.cuda.Stream(self.device)
-        self.max_decoder_boxes = self.runners["decoder"].max_dim0("boxes")
+        self.max_decoder_boxes = min(self.runners["decoder"].max_dim0("boxes"),
+                                     self.runners["mask_head"].max_dim0("image_tokens"))
         self.max_batch = min(self.runners[g].max_dim0("image") for g in ("encoder", "cellfinder"))
 
     def _images(self, graph: str, images: Tensor) -> list[Tensor]:
@@ -323,7 +324,8 @@ class TensorRTBackend(Backend):
         logits, boxes = self._images("cellfinder", images)
         return logits, boxes
 
-    def decoder(self, embedding: Tensor, boxes: Tensor, *, last_call: bool = False) -> tuple[Tensor, Tensor]:
+    def decoder(self, embedding: Tensor, boxes: Tensor, *, keep_iou: float | None = None,
+                last_call: bool = False) -> tuple[Tensor, Tensor]:
         check_input("decoder", "embedding", embedding, self.config)
         check_input("decoder", "boxes", boxes, self.config)
         if len(boxes) > self.max_decoder_boxes:
@@ -331,8 +333,17 @@ class TensorRTBackend(Backend):
                 f"boxes: {len(boxes)} boxes exceed the decoder engine's max {self.max_decoder_boxes}; chunk them "
                 "(CellSAM.segment does) or rebuild with a larger --max-boxes"
             )
-        masks, iou = self.runners["decoder"]({"embedding": embedding, "boxes": boxes}, self.stream)
-        return masks.float(), iou.float()
+        iou, image_tokens, hyper = self.runners["decoder"]({"embedding": embedding, "boxes": boxes}, self.stream)
+        iou = iou.float()
+        rows = kept_rows(iou, keep_iou)
+        if rows is not None:
+            image_tokens, hyper = image_tokens[rows], hyper[rows]
+        if len(image_tokens) == 0:  # no box passed: an engine profile starts at one row
+            low = self.config.sam.low_res_size
+            return torch.zeros((0, 1, low, low), dtype=torch.float32, device=self.device), iou
+        (masks,) = self.runners["mask_head"]({"image_tokens": image_tokens.float(), "hyper": hyper.float()},
+                                             self.stream)
+        return masks.float(), iou
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": str(self.device), "engine_dir": str(self.folder),

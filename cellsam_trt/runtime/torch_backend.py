@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..modeling import CellSAMNetwork
 from ..modeling.attention import use_sdpa
-from .base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, release_cached_memory
+from .base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, kept_rows, release_cached_memory
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -119,13 +119,17 @@ class TorchBackend(Backend):
             use_sdpa(parts)  # our copy's tree: the caller's modules keep SAM's attention
         self.image_encoder = parts["encoder"]
         self.cellfinder_module = parts["cellfinder"]
-        self.box_decoder = parts["decoder"]
+        self.box_decoder = parts["decoder"].box_decoder  # the BoxDecoder both decoder graphs run
+        self.decoder_graph, self.mask_head_graph = parts["decoder"], parts["mask_head"]
         self.compiled = bool(compile)
         if compile:
             self.image_encoder = torch.compile(self.image_encoder)
             self.cellfinder_module = torch.compile(self.cellfinder_module)
-            self.box_decoder = torch.compile(self.box_decoder)
-        self.captured_decoder = CapturedDecoder(self.box_decoder, self._context, self.device) if cuda_graphs else None
+            self.decoder_graph = torch.compile(self.decoder_graph)
+            self.mask_head_graph = torch.compile(self.mask_head_graph)
+        # CUDA graphs replay the part with shapes known from the boxes alone; the mask head's
+        # rows depend on the IoU, so it runs as it is
+        self.captured_decoder = CapturedDecoder(self.decoder_graph, self._context, self.device) if cuda_graphs else None
         # Measured, ViT-B decoder in torch on 2 CPU cores: 39-43 ms per box in calls of 2-4
         # boxes, 54 ms in calls of 8-16 (the activations of a large call leave the caches).
         # Accelerators want large calls.
@@ -149,15 +153,21 @@ class TorchBackend(Backend):
         return logits.float(), boxes.float()
 
     @torch.inference_mode()
-    def decoder(self, embedding: Tensor, boxes: Tensor, *, last_call: bool = False) -> tuple[Tensor, Tensor]:
+    def decoder(self, embedding: Tensor, boxes: Tensor, *, keep_iou: float | None = None,
+                last_call: bool = False) -> tuple[Tensor, Tensor]:
         try:
             embedding, boxes = embedding.to(self.device), boxes.to(self.device, torch.float32)
-            if self.captured_decoder is not None:
-                masks, iou = self.captured_decoder(embedding, boxes)
-            else:
-                with self._context():
-                    masks, iou = self.box_decoder(embedding, boxes)
-            return masks.float(), iou.float()
+            with self._context():
+                if self.captured_decoder is not None:
+                    iou, image_tokens, hyper = self.captured_decoder(embedding, boxes)
+                else:
+                    iou, image_tokens, hyper = self.decoder_graph(embedding, boxes)
+                iou = iou.float().clone()  # a captured graph's outputs are overwritten by its next replay
+                rows = kept_rows(iou, keep_iou)
+                if rows is not None:
+                    image_tokens, hyper = image_tokens[rows], hyper[rows]
+                masks = self.mask_head_graph(image_tokens, hyper)
+            return masks.float(), iou
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError, and cuBLAS/cuDNN allocation failures
             if not is_out_of_memory(err):
                 raise
@@ -188,7 +198,7 @@ class TorchBackend(Backend):
 
 
 class CapturedDecoder:
-    """A box decoder replayed from CUDA graphs.
+    """The ``decoder`` graph replayed from CUDA graphs.
 
     Calls are padded to the next power of two (at least 16 boxes), so the pipeline's fixed
     chunks and its one shorter last chunk use a handful of graphs, each captured the first
@@ -197,12 +207,15 @@ class CapturedDecoder:
     dropped from the outputs.
 
     Args:
-        decoder: the module, called as ``decoder(embedding, boxes)``.
+        decoder: the module, called as ``decoder(embedding, boxes)`` -> a tuple of tensors
+            whose first dimension is the box.
         context: returns the autocast context the decoder runs under.
         device: the CUDA device.
 
-    Call: ``(embedding (1, C, h, w) float32, boxes (N, 4) float32)`` on ``device`` ->
-    ``(masks (N, 1, 4h, 4w), iou (N, 1))``, copies that the next call does not overwrite.
+    Call: ``(embedding (1, C, h, w) float32, boxes (N, 4) float32)`` on ``device`` -> the
+    decoder's outputs for the N boxes: views of the graph's static outputs, valid until the
+    next call (the caller copies what it keeps; a copy of the image tokens would cost as
+    much memory traffic as a decoder block).
     """
 
     MIN_BOXES = 16
@@ -214,18 +227,18 @@ class CapturedDecoder:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple] = {}  # key -> (graph, static embedding, static boxes, outputs)
 
-    def __call__(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, ...]:
         n = len(boxes)
         size = max(self.MIN_BOXES, 1 << (n - 1).bit_length())
         key = (size, tuple(embedding.shape))
         if key not in self.graphs:
             self.graphs[key] = self._capture(size, embedding)
-        graph, static_embedding, static_boxes, (masks, iou) = self.graphs[key]
+        graph, static_embedding, static_boxes, outputs = self.graphs[key]
         static_embedding.copy_(embedding)
         static_boxes[:n].copy_(boxes)
         static_boxes[n:].copy_(boxes[:1].expand(size - n, -1))
         graph.replay()
-        return masks[:n].clone(), iou[:n].clone()
+        return tuple(out[:n] for out in outputs)
 
     def _capture(self, size: int, embedding: Tensor) -> tuple:
         static_embedding = embedding.clone()

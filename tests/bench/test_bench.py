@@ -195,10 +195,10 @@ class _ScriptedBackend(Backend):
         boxes[:, :, 2:] = 0.05
         return logits, boxes
 
-    def decoder(self, embedding, boxes, *, last_call=False):
+    def decoder(self, embedding, boxes, *, keep_iou=None, last_call=False):
         time.sleep(self.delay)
         self.decoder_boxes.append(len(boxes))
-        return cell_logits(boxes)[:, None], torch.ones(len(boxes), 1)
+        return cell_logits(boxes)[:, None], torch.ones(len(boxes), 1)  # every box passes
 
 
 def test_cellfinder_run_bookkeeping_splits_graph_and_selection_time():

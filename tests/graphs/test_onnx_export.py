@@ -18,6 +18,7 @@ from cellsam_trt.graphs.onnx_export import (
 from cellsam_trt.modeling import BoxDecoder
 from cellsam_trt.modeling.checkpoint import file_sha256
 from cellsam_trt.modeling.config import ModelConfig
+from cellsam_trt.modeling.network import DecoderGraph, MaskHeadGraph
 from cellsam_trt.modeling.sam import build_sam
 from cellsam_trt.runtime.artifacts import GRAPH_SPECS, io_shapes
 
@@ -48,7 +49,7 @@ def test_manifest_records_checkpoint_config_and_files(exported, manifest):
     assert manifest["tools"]["torch"] == torch.__version__
     assert manifest["tools"]["onnx"] == onnx.__version__
     assert manifest["tools"]["onnxruntime"] == ort.__version__
-    assert set(manifest["graphs"]) == {"encoder", "cellfinder", "decoder"}
+    assert set(manifest["graphs"]) == {"encoder", "cellfinder", "decoder", "mask_head"}
     for name, entry in manifest["graphs"].items():
         assert entry["file"] == f"{name}.onnx"
         assert entry["sha256"] == file_sha256(folder / entry["file"])
@@ -60,7 +61,7 @@ def test_manifest_records_checkpoint_config_and_files(exported, manifest):
         assert all(t["dtype"] == "float32" for t in entry["inputs"] + entry["outputs"])
 
 
-@pytest.mark.parametrize("graph", ["encoder", "cellfinder", "decoder"])
+@pytest.mark.parametrize("graph", ["encoder", "cellfinder", "decoder", "mask_head"])
 def test_graph_inputs_are_real_and_named(exported, manifest, graph):
     """The export trap (docs/ARCHITECTURE.md): a traced graph can bake its image in as a constant and keep no input."""
     model = onnx.load(str(exported[1] / f"{graph}.onnx"))
@@ -79,7 +80,8 @@ def test_graph_inputs_are_real_and_named(exported, manifest, graph):
     dims = {i.name: i.shape for i in sess.get_inputs()}
     symbolic = {n: [d for d in s if isinstance(d, str)] for n, s in dims.items()}
     assert symbolic == {"encoder": {"image": ["batch"]}, "cellfinder": {"image": ["batch"]},
-                        "decoder": {"embedding": [], "boxes": ["num_boxes"]}}[graph]
+                        "decoder": {"embedding": [], "boxes": ["num_boxes"]},
+                        "mask_head": {"image_tokens": ["num_boxes"], "hyper": ["num_boxes"]}}[graph]
 
 
 # The trace sample had B = 2 and N = 3: other sizes show that the dims really are dynamic.
@@ -115,10 +117,15 @@ def test_decoder_matches_torch(exported, modules, num_boxes):
     g = torch.Generator().manual_seed(num_boxes)
     embedding = torch.randn((1, 32, 64, 64), generator=g)
     boxes = torch.from_numpy(cell_boxes(num_boxes, 1024, 1024, seed=num_boxes))
-    masks, iou = session(exported[1], "decoder").run(None, {"embedding": embedding.numpy(), "boxes": boxes.numpy()})
+    iou, tokens, hyper = session(exported[1], "decoder").run(None, {"embedding": embedding.numpy(),
+                                                                   "boxes": boxes.numpy()})
+    # the mask head on a subset of the rows, as the pipeline runs it (the boxes that pass)
+    rows = np.arange(0, num_boxes, 2)
+    (masks,) = session(exported[1], "mask_head").run(None, {"image_tokens": tokens[rows], "hyper": hyper[rows]})
     with torch.no_grad():
-        want_masks, want_iou = (t.numpy() for t in modules["decoder"](embedding, boxes))
-    assert masks.shape == (num_boxes, 1, 256, 256) and iou.shape == (num_boxes, 1)
+        want_masks, want_iou = (t.numpy() for t in modules["decoder"].box_decoder(embedding, boxes))
+    want_masks = want_masks[rows]
+    assert masks.shape == (len(rows), 1, 256, 256) and iou.shape == (num_boxes, 1)
     print(f"decoder N={num_boxes}: max abs diff masks {np.abs(masks - want_masks).max():.3g}, "
           f"iou {np.abs(iou - want_iou).max():.3g}")
     np.testing.assert_allclose(masks, want_masks, **TIGHT)
@@ -132,14 +139,17 @@ def test_full_size_decoder_graph_matches_torch(tmp_path):
     torch.manual_seed(0)
     sam = build_sam(config.sam)
     decoder = BoxDecoder(sam.prompt_encoder, sam.mask_decoder).eval()
-    entry = export_graph(decoder, "decoder", config, tmp_path / "decoder.onnx")
-    assert [t["shape"] for t in entry["outputs"]] == [["num_boxes", 1, 256, 256], ["num_boxes", 1]]
-    sess = session(tmp_path, "decoder")
+    entry = export_graph(DecoderGraph(decoder), "decoder", config, tmp_path / "decoder.onnx")
+    assert [t["shape"] for t in entry["outputs"]] == [["num_boxes", 1], ["num_boxes", 4096, 256], ["num_boxes", 32]]
+    entry = export_graph(MaskHeadGraph(decoder), "mask_head", config, tmp_path / "mask_head.onnx")
+    assert [t["shape"] for t in entry["outputs"]] == [["num_boxes", 1, 256, 256]]
+    sess, head = session(tmp_path, "decoder"), session(tmp_path, "mask_head")
     g = torch.Generator().manual_seed(1)
     embedding = torch.randn((1, 256, 64, 64), generator=g)
     for n in (1, 5):
         boxes = torch.from_numpy(cell_boxes(n, 1024, 1024, seed=n))
-        masks, iou = sess.run(None, {"embedding": embedding.numpy(), "boxes": boxes.numpy()})
+        iou, tokens, hyper = sess.run(None, {"embedding": embedding.numpy(), "boxes": boxes.numpy()})
+        (masks,) = head.run(None, {"image_tokens": tokens, "hyper": hyper})
         with torch.no_grad():
             want_masks, want_iou = (t.numpy() for t in decoder(embedding, boxes))
         print(f"full-size decoder N={n}: max abs diff masks {np.abs(masks - want_masks).max():.3g}, "
@@ -168,7 +178,7 @@ def test_export_refuses_graph_that_drops_its_input(tmp_path):
 
 def test_export_arguments_are_checked(tmp_path, steered_tiny):
     with pytest.raises(ValueError, match="graphs"):
-        export_network(steered_tiny, tmp_path, graphs=("decoder", "mask_head"))
+        export_network(steered_tiny, tmp_path, graphs=("decoder", "box_head"))
     with pytest.raises(ValueError, match="opset"):
         export_graph(nn.Identity(), "encoder", ModelConfig.tiny(), tmp_path / "x.onnx", opset=13)
     with pytest.raises(ValueError, match="network"):
@@ -204,8 +214,8 @@ def test_large_graph_keeps_weights_in_one_side_file(tmp_path, monkeypatch, modul
     assert data.stat().st_size > 100_000  # the weights above 1 kB moved out of the graph file
     g = torch.Generator().manual_seed(0)
     embedding, boxes = torch.randn((1, 32, 64, 64), generator=g), torch.from_numpy(cell_boxes(4, 1024, 1024))
-    masks, iou = session(tmp_path, "decoder").run(None, {"embedding": embedding.numpy(), "boxes": boxes.numpy()})
+    outputs = session(tmp_path, "decoder").run(None, {"embedding": embedding.numpy(), "boxes": boxes.numpy()})
     with torch.no_grad():
-        want_masks, want_iou = modules["decoder"](embedding, boxes)
-    np.testing.assert_allclose(masks, want_masks.numpy(), **TIGHT)
-    np.testing.assert_allclose(iou, want_iou.numpy(), **TIGHT)
+        expected = modules["decoder"](embedding, boxes)
+    for got, want in zip(outputs, expected):
+        np.testing.assert_allclose(got, want.numpy(), **TIGHT)

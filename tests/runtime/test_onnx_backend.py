@@ -256,7 +256,7 @@ def test_cpu_memory_arena_only_for_the_decoder(exported):
     backend = OnnxRuntimeBackend(folder, device="cpu", verify_hashes=False)
     arenas = {g: s.get_session_options().enable_cpu_mem_arena for g, s in backend.sessions.items()}
     # the arena keeps each graph's peak: gigabytes for the image graphs, little for decoder chunks
-    assert arenas == {"encoder": False, "cellfinder": False, "decoder": True}
+    assert arenas == {"encoder": False, "cellfinder": False, "decoder": True, "mask_head": True}
     assert backend.default_chunk_size == 8
     everywhere = OnnxRuntimeBackend(folder, device="cpu", verify_hashes=False, cpu_arena=True)
     assert all(s.get_session_options().enable_cpu_mem_arena for s in everywhere.sessions.values())
@@ -281,3 +281,41 @@ def test_decoder_arena_given_back_after_each_images_last_call(exported, torch_se
     np.testing.assert_array_equal(labels, torch_session.segment(cell_image, boxes=boxes))
     no_arena = OnnxRuntimeBackend(folder, device="cpu", verify_hashes=False, cpu_arena=False)
     assert no_arena._decoder_arena is False  # nothing to give back
+
+
+@pytest.mark.parametrize("kind", ["onnxruntime", "torch"])
+def test_the_mask_head_runs_only_for_the_boxes_that_pass(ort_backend, torch_session, cell_image, kind):
+    """``keep_iou``: IoU for every box, masks for the kept ones only, equal to those rows of the
+    full call; the mask head sees only the kept rows; none kept gives no masks."""
+    from cellsam_trt.dev.synthetic import cell_boxes
+    from cellsam_trt.graphs.tensorrt_engines import verification_inputs
+
+    backend = ort_backend if kind == "onnxruntime" else torch_session.backend
+    embedding = backend.encoder(verification_inputs(backend.config, backend.adapted_inputs, image=cell_image)[0])
+    boxes = torch.from_numpy(cell_boxes(24, 1024, 1024, seed=5))
+    every, iou = backend.decoder(embedding, boxes)
+    threshold = float(iou[:, 0].median())
+    rows = iou[:, 0] >= threshold
+    assert 0 < int(rows.sum()) < len(boxes)
+    head_rows = []
+    if kind == "onnxruntime":
+        run = backend._run
+
+        def recording(graph, inputs, *args):
+            if graph == "mask_head":
+                head_rows.append(len(inputs["hyper"]))
+            return run(graph, inputs, *args)
+        backend._run = recording
+    else:
+        head = backend.mask_head_graph
+        backend.mask_head_graph = lambda tokens, hyper: head_rows.append(len(hyper)) or head(tokens, hyper)
+    try:
+        kept, kept_iou = backend.decoder(embedding, boxes, keep_iou=threshold)
+        none, _ = backend.decoder(embedding, boxes, keep_iou=float(iou.max()) + 1)
+    finally:
+        backend.__dict__.pop("_run" if kind == "onnxruntime" else "mask_head_graph")
+    torch.testing.assert_close(kept_iou, iou, rtol=0, atol=1e-6)
+    assert kept.shape == (int(rows.sum()), 1, 256, 256)
+    torch.testing.assert_close(kept, every[rows], rtol=1e-5, atol=1e-5)
+    assert head_rows[0] == int(rows.sum())
+    assert none.shape == (0, 1, 256, 256)

@@ -16,6 +16,7 @@ from cellsam_trt.graphs.tensorrt_engines import compare_arrays, mask_agreement, 
 from cellsam_trt.modeling.checkpoint import file_sha256, random_network, write_checkpoint
 from cellsam_trt.modeling.config import ModelConfig
 from cellsam_trt.runtime import BackendError, OnnxRuntimeBackend, TorchBackend, create_backend
+from cellsam_trt.runtime.artifacts import GRAPH_NAMES
 from cellsam_trt.runtime.tensorrt_backend import (
     TensorRTBackend,
     check_engine_metadata,
@@ -38,7 +39,7 @@ def metadata(checkpoint_sha="a" * 64):
         "checkpoint": {"path": "/w/cellsam_general.pt", "sha256": checkpoint_sha},
         "onnx_dir": "/w/onnx",
         "model_config": ModelConfig.tiny().to_dict(), "uses_model_cp": True,
-        "engines": {g: {"file": f"{g}.engine", "sha256": "0" * 64} for g in ("encoder", "cellfinder", "decoder")},
+        "engines": {g: {"file": f"{g}.engine", "sha256": "0" * 64} for g in GRAPH_NAMES},
     }
 
 
@@ -89,10 +90,10 @@ def test_engine_metadata_file_problems(tmp_path):
 
 def test_missing_changed_or_unnamed_engine_files_are_refused(tmp_path):
     meta = metadata()
-    for graph in ("encoder", "cellfinder", "decoder"):
+    for graph in GRAPH_NAMES:
         (tmp_path / f"{graph}.engine").write_bytes(graph.encode())
         meta["engines"][graph]["sha256"] = file_sha256(tmp_path / f"{graph}.engine")
-    assert engine_files(meta, tmp_path) == {g: tmp_path / f"{g}.engine" for g in ("encoder", "cellfinder", "decoder")}
+    assert engine_files(meta, tmp_path) == {g: tmp_path / f"{g}.engine" for g in GRAPH_NAMES}
     (tmp_path / "cellfinder.engine").write_bytes(b"tampered")
     with pytest.raises(BackendError, match="cellfinder.engine changed since it was built.*build-engines"):
         engine_files(meta, tmp_path)
@@ -439,11 +440,11 @@ def test_engines_are_strongly_typed_networks_of_the_chosen_graphs(fake_trt, expo
 
     meta = build_engines(exported[1], tmp_path, max_batch=2, max_boxes=64, opt_boxes=16, precision=precision)
     strongly_typed = 1 << int(fake_trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    assert [c[1] for c in fake_trt.calls if c[0] == "create_network"] == [strongly_typed] * 3
+    assert [c[1] for c in fake_trt.calls if c[0] == "create_network"] == [strongly_typed] * len(GRAPH_NAMES)
     assert [c for c in fake_trt.calls if c[0] == "set_flag"] == []  # precision comes from the graphs alone
     suffix = ".fp16.onnx" if precision == "fp16" else ".onnx"
     parsed = [c[1] for c in fake_trt.calls if c[0] == "parse"]
-    assert parsed == [str(exported[1] / f"{g}{suffix}") for g in ("encoder", "cellfinder", "decoder")]
+    assert parsed == [str(exported[1] / f"{g}{suffix}") for g in GRAPH_NAMES]
     manifest = json.loads((exported[1] / "manifest.json").read_text())
     assert meta["precision"]["mode"] == precision and meta["precision"]["strongly_typed"] is True
     assert json.loads((tmp_path / "engines.json").read_text()) == meta
@@ -457,6 +458,7 @@ def test_engines_are_strongly_typed_networks_of_the_chosen_graphs(fake_trt, expo
         else:
             assert layers["float16"] == 0 and layers["float32"] > 0
     assert meta["engines"]["decoder"]["profile"]["boxes"] == {"min": [1, 4], "opt": [16, 4], "max": [64, 4]}
+    assert meta["engines"]["mask_head"]["profile"]["hyper"] == {"min": [1, 4], "opt": [16, 4], "max": [64, 4]}
     assert (tmp_path / "timing.cache").read_bytes() == b"timing"
 
 

@@ -119,7 +119,7 @@ def test_torch_decoder_turns_allocation_failures_into_out_of_device_memory(tiny,
     def failing(*args, **kwargs):
         raise RuntimeError(message)
 
-    backend.box_decoder.forward = failing
+    backend.box_decoder.decode_tokens = failing
     grid = tiny.config.sam.encoder.grid_size
     embedding = torch.zeros(1, tiny.config.sam.prompt_embed_dim, grid, grid)
     expected = OutOfDeviceMemory if retried else RuntimeError
