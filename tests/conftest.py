@@ -1,17 +1,23 @@
 import json
 import os
+import shutil
 import sys
 import warnings
 
-import numpy as np
-import pytest
-import torch
-from export_shared import tiny_export
+# Triton's interpreter runs the fused decoder's kernels on the CPU. It must be on before
+# triton is first imported (torch may import it), and only where there is no GPU driver.
+if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
+    os.environ["TRITON_INTERPRET"] = "1"
 
-from cellsam_trt.dev.steering import steer_random_network
-from cellsam_trt.dev.synthetic import synthetic_cells
-from cellsam_trt.modeling.checkpoint import random_network
-from cellsam_trt.modeling.config import ModelConfig
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from export_shared import tiny_export  # noqa: E402
+
+from cellsam_trt.dev.steering import steer_random_network  # noqa: E402
+from cellsam_trt.dev.synthetic import synthetic_cells  # noqa: E402
+from cellsam_trt.modeling.checkpoint import random_network  # noqa: E402
+from cellsam_trt.modeling.config import ModelConfig  # noqa: E402
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 

@@ -103,7 +103,7 @@ def _first_block(block: nn.Module, tokens: Tensor, keys: Tensor, key_pe: Tensor)
     image_k = keys + key_pe  # the same for every box in this block
 
     t2i = block.cross_attn_token_to_image
-    attn_out = _attend(t2i, t2i.q_proj(queries + tokens), t2i.k_proj(image_k), t2i.v_proj(keys))
+    attn_out = attend(t2i, t2i.q_proj(queries + tokens), t2i.k_proj(image_k), t2i.v_proj(keys))
     queries = block.norm2(queries + attn_out)
     queries = block.norm3(queries + block.mlp(queries))
 
@@ -126,7 +126,7 @@ def _later_block(block: nn.Module, queries: Tensor, keys: Tensor, tokens: Tensor
     return queries, block.norm4(keys + attn_out)
 
 
-def _head_weights(linear: nn.Linear, heads: int) -> Tensor:
+def head_weights(linear: nn.Linear, heads: int) -> Tensor:
     """An input projection's weight (D, C) as (heads, D / heads, C): head h's rows."""
     d_model, c = linear.weight.shape
     return linear.weight.reshape(heads, d_model // heads, c)
@@ -151,10 +151,10 @@ def _tokens_to_image(attention: Attention, queries: Tensor, image_k: Tensor, ima
     n, t, c = queries.shape
     d = attention.internal_dim // heads
     q = attention.q_proj(queries).reshape(n, t, heads, d).transpose(1, 2)  # (N, H, T, d)
-    g = (q @ _head_weights(attention.k_proj, heads)) / math.sqrt(d)  # (N, H, T, C)
+    g = (q @ head_weights(attention.k_proj, heads)) / math.sqrt(d)  # (N, H, T, C)
     scores = g.reshape(n, heads * t, c) @ image_k.transpose(1, 2)  # (N, H*T, L)
     mixed = torch.softmax(scores, dim=-1) @ image_v  # (N, H*T, C)
-    wv = _head_weights(attention.v_proj, heads).transpose(1, 2)  # (H, C, d)
+    wv = head_weights(attention.v_proj, heads).transpose(1, 2)  # (H, C, d)
     out = mixed.reshape(n, heads, t, c) @ wv + attention.v_proj.bias.reshape(heads, 1, d)  # (N, H, T, d)
     return attention.out_proj(out.transpose(1, 2).reshape(n, t, heads * d))
 
@@ -183,7 +183,7 @@ def _image_to_tokens(attention: Attention, image: Tensor, tokens_k: Tensor, toke
         q = image.reshape(image.shape[0], length, heads, d).transpose(1, 2)  # (1, H, L, d)
         scores = ((q @ k.transpose(-2, -1)) / math.sqrt(d)).permute(0, 2, 1, 3)  # (N, L, H, T)
     else:
-        m = (k @ _head_weights(attention.q_proj, heads)) / math.sqrt(d)  # (N, H, T, C)
+        m = (k @ head_weights(attention.q_proj, heads)) / math.sqrt(d)  # (N, H, T, C)
         bias = (k @ attention.q_proj.bias.reshape(heads, d, 1)) / math.sqrt(d)  # (N, H, T, 1)
         scores = image @ m.reshape(n, heads * t, c).transpose(1, 2) + bias.reshape(n, 1, heads * t)
         scores = scores.reshape(n, length, heads, t)
@@ -193,7 +193,7 @@ def _image_to_tokens(attention: Attention, image: Tensor, tokens_k: Tensor, toke
     return attn @ projected_v + attention.out_proj.bias
 
 
-def _attend(attention: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def attend(attention: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """SAM's ``Attention.forward`` after the input projections; batch dims of size 1 broadcast."""
     heads = attention.num_heads
 

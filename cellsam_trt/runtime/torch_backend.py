@@ -4,13 +4,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import logging
 
 import torch
 from torch import Tensor, nn
 
 from ..modeling import CellSAMNetwork
 from ..modeling.attention import use_sdpa
+from ..modeling.network import DecoderGraph, MaskHeadGraph
 from .base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, kept_rows, release_cached_memory
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -65,6 +69,8 @@ def inference_copy(module: nn.Module, device: torch.device | str) -> nn.Module:
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTIONS = ("sdpa", "eager")
+DECODERS = ("auto", "fused", "eager")
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TorchBackend(Backend):
@@ -86,16 +92,26 @@ class TorchBackend(Backend):
         cuda_graphs: replay the box decoder from CUDA graphs (opt-in, CUDA only): one graph
             per padded chunk size, captured on first use, so a chunk costs one launch instead
             of the decoder's few hundred kernel launches (``CapturedDecoder``).
+        decoder: "auto" (default): the fused Triton decoder (``modeling.fused_decoder``) on a
+            CUDA device where triton imports and a start-up self-check against the eager
+            decoder passes, else the eager ``BoxDecoder`` (one INFO line says why);
+            "fused": the Triton decoder or a BackendError saying why not (on the CPU only
+            under Triton's interpreter, ``TRITON_INTERPRET=1``, for tests); "eager": the
+            reference. The fused decoder keeps the image tokens in the backend's precision
+            (float32, bfloat16 or float16) with float32 accumulation.
     """
 
     name = "torch"
 
     def __init__(self, network: CellSAMNetwork, device: str | torch.device | None = None, precision: str = "fp32",
-                 attention: str = "sdpa", compile: bool = False, cuda_graphs: bool = False) -> None:
+                 attention: str = "sdpa", compile: bool = False, cuda_graphs: bool = False,
+                 decoder: str = "auto") -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
         if attention not in ATTENTIONS:
             raise ValueError(f"attention: expected one of {ATTENTIONS}, got {attention!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder: expected one of {DECODERS}, got {decoder!r}")
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type != "cuda":
             raise BackendError(
@@ -121,12 +137,16 @@ class TorchBackend(Backend):
         self.cellfinder_module = parts["cellfinder"]
         self.box_decoder = parts["decoder"].box_decoder  # the BoxDecoder both decoder graphs run
         self.decoder_graph, self.mask_head_graph = parts["decoder"], parts["mask_head"]
+        self.fused_decoder = self._fused_decoder(decoder)
+        if self.fused_decoder is not None:
+            self.decoder_graph, self.mask_head_graph = DecoderGraph(self.fused_decoder), MaskHeadGraph(self.fused_decoder)
         self.compiled = bool(compile)
         if compile:
             self.image_encoder = torch.compile(self.image_encoder)
             self.cellfinder_module = torch.compile(self.cellfinder_module)
-            self.decoder_graph = torch.compile(self.decoder_graph)
-            self.mask_head_graph = torch.compile(self.mask_head_graph)
+            if self.fused_decoder is None:  # the fused decoder is its own kernels already
+                self.decoder_graph = torch.compile(self.decoder_graph)
+                self.mask_head_graph = torch.compile(self.mask_head_graph)
         # CUDA graphs replay the part with shapes known from the boxes alone; the mask head's
         # rows depend on the IoU, so it runs as it is
         self.captured_decoder = CapturedDecoder(self.decoder_graph, self._context, self.device) if cuda_graphs else None
@@ -134,6 +154,33 @@ class TorchBackend(Backend):
         # boxes, 54 ms in calls of 8-16 (the activations of a large call leave the caches).
         # Accelerators want large calls.
         self.default_chunk_size = 4 if self.device.type == "cpu" else 256
+
+    def _fused_decoder(self, choice: str):
+        """The ``FusedBoxDecoder`` to run (``decoder`` in the class docstring), or None for the eager one."""
+        if choice == "eager":
+            return None
+        if choice == "auto" and self.device.type != "cuda":
+            log.info("decoder: the eager decoder runs on %s (the fused Triton kernels are for CUDA GPUs)", self.device)
+            return None
+        from ..modeling.fused_decoder import FusedBoxDecoder, fused_decoder_unavailable, self_check
+
+        reason = fused_decoder_unavailable(self.device)
+        fused = None
+        if reason is None:
+            fused = FusedBoxDecoder(self.box_decoder, dtype=STORAGE_DTYPES[self.precision])
+            grid = self.config.sam.encoder.grid_size
+            probe = torch.Generator().manual_seed(0)
+            embedding = torch.randn((1, self.config.sam.prompt_embed_dim, grid, grid), generator=probe).to(self.device)
+            size = self.config.image_size
+            boxes = torch.tensor([[0.1, 0.1, 0.3, 0.25], [0.5, 0.4, 0.9, 0.8]], device=self.device) * size
+            reason = self_check(fused, embedding, boxes)
+        if reason is None:
+            log.info("decoder: the fused Triton decoder (%s storage)", self.precision)
+            return fused
+        if choice == "fused":
+            raise BackendError(f"decoder='fused': {reason}; use decoder='eager' (or 'auto')")
+        log.info("decoder: the eager decoder runs, because %s", reason)
+        return None
 
     def _context(self):
         if self.precision == "fp32":
@@ -157,7 +204,8 @@ class TorchBackend(Backend):
                 last_call: bool = False) -> tuple[Tensor, Tensor]:
         try:
             embedding, boxes = embedding.to(self.device), boxes.to(self.device, torch.float32)
-            with self._context():
+            # the fused decoder keeps its own storage type: no autocast around its kernels
+            with self._context() if self.fused_decoder is None else contextlib.nullcontext():
                 if self.captured_decoder is not None:
                     iou, image_tokens, hyper = self.captured_decoder(embedding, boxes)
                 else:
@@ -194,7 +242,8 @@ class TorchBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device), "precision": self.precision,
                 "attention": self.attention, "compiled": self.compiled,
-                "cuda_graphs": self.captured_decoder is not None}
+                "cuda_graphs": self.captured_decoder is not None,
+                "decoder": "eager" if self.fused_decoder is None else "fused"}
 
 
 class CapturedDecoder:

@@ -169,3 +169,39 @@ def test_fused_attention_matches_eager_on_cuda(steered_tiny, no_tf32):
     fused = TorchBackend(steered_tiny, device="cuda").encoder(images)
     eager = TorchBackend(steered_tiny, device="cuda", attention="eager").encoder(images)
     assert (fused - eager).abs().max().item() <= 1e-4 * max(1.0, eager.abs().max().item())
+
+
+def test_the_decoder_choice_is_checked_and_said(tiny, caplog, monkeypatch, cell_image, steered_tiny):
+    import logging
+
+    with pytest.raises(ValueError, match="decoder"):
+        TorchBackend(tiny, device="cpu", decoder="triton")
+    with caplog.at_level(logging.INFO, logger="cellsam_trt.runtime.torch_backend"):
+        assert TorchBackend(tiny, device="cpu").describe()["decoder"] == "eager"
+    assert "eager decoder runs on cpu" in caplog.text
+    import cellsam_trt.modeling.fused_decoder  # noqa: F401  (its kernels are defined at import, as the environment says)
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendError, match="decoder='fused'"):
+        TorchBackend(tiny, device="cpu", decoder="fused")
+
+
+@pytest.mark.slow
+def test_the_fused_decoder_gives_the_eager_labels(steered_tiny, cell_image):
+    """The whole pipeline with the Triton kernels (here in Triton's interpreter) against the eager
+    decoder, user boxes on the test image."""
+    import os
+
+    pytest.importorskip("triton", reason="triton is not installed (the dev extra installs it)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton's interpreter is off; the CUDA comparison is tests/modeling/test_fused_decoder.py's")
+    from cellsam_trt import CellSAM
+    from cellsam_trt.dev.synthetic import cell_boxes
+
+    boxes = cell_boxes(6, *cell_image.shape[:2], seed=2)
+    fused = CellSAM(TorchBackend(steered_tiny, device="cpu", decoder="fused"))
+    assert fused.backend.describe()["decoder"] == "fused"
+    eager = CellSAM(TorchBackend(steered_tiny, device="cpu", decoder="eager"))
+    got, want = fused.segment(cell_image, boxes=boxes), eager.segment(cell_image, boxes=boxes)
+    assert want.max() >= 2
+    assert (got == want).mean() > 0.999  # float32 rounding may move a boundary pixel
