@@ -63,7 +63,7 @@ if [ -n "$SMOKE" ]; then
     TORCH_ARGS="--device cpu --crop 128 --modes released,torch --torch-variants eager --rounds 1 --calls 1 --no-cold
                 ${CHECKPOINT:+--checkpoint $CHECKPOINT}"
     DECODER_FP16_ARGS=""
-    DECODER_FP32_ARGS="--config tiny --n 4,16 --repeats 2 --device cpu"
+    DECODER_FP32_ARGS="--config tiny --n 4,16 --repeats 2 --device cpu --formulations sam_repeat,shared,fused"
     PROFILE_ARGS="--config tiny --n 16 --device cpu --calls 2"
     BENCH_ARGS="--smoke"
     STACK_ARGS="--frames 2 --side 128 --rounds 1 --batch-size 2"
@@ -74,7 +74,7 @@ if [ -n "$SMOKE" ]; then
     LIMIT_TESTS=600 LIMIT_SUITE=1200 LIMIT_DECODER=300 LIMIT_BENCH=600 LIMIT_TORCH=900
 else
     # seconds: "tests torch bench" stays under 10 minutes even when every step uses all of its time
-    LIMIT_TESTS=${LIMIT_TESTS:-100} LIMIT_SUITE=${LIMIT_SUITE:-540} LIMIT_DECODER=${LIMIT_DECODER:-180}
+    LIMIT_TESTS=${LIMIT_TESTS:-100} LIMIT_SUITE=${LIMIT_SUITE:-540} LIMIT_DECODER=${LIMIT_DECODER:-240}
     LIMIT_TORCH=${LIMIT_TORCH:-330} LIMIT_BENCH=${LIMIT_BENCH:-130}
     # every torch switch on the 512 x 512 tissue crop, CellFinder path, each configuration in
     # its own process after the released per-box loop on the same GPU; a configuration that
@@ -82,12 +82,16 @@ else
     # (default segment() is torch fp32 on a GPU host without TensorRT or onnxruntime-gpu.)
     TORCH_ARGS="--device cuda --modes released,torch --rounds 1 --calls 2 --no-cold --worker-timeout 150
                 --torch-variants eager,bf16,fp16,cudagraphs,fp16-cudagraphs,compile --budget $((LIMIT_TORCH - 25))"
-    DECODER_FP16_ARGS="--config cellsam-vit-b --n 256,1024,3500 --fp16 --repeats 5"
+    # the decoder alone: SAM's call, the eager BoxDecoder and the fused Triton decoder in each
+    # precision, N = 1 to 3500 (SAM's call at 3500 runs out of memory and is reported)
+    DECODER_FP16_ARGS="--config cellsam-vit-b --n 1,16,256,1024,3500 --formulations sam_repeat,shared,fused
+                       --precisions bf16,fp16 --repeats 5"
     PROFILE_ARGS="--config cellsam-vit-b --n 256 --device cuda"
-    DECODER_FP32_ARGS="--config cellsam-vit-b --n 256,1024,3500 --repeats 5"
+    DECODER_FP32_ARGS="--config cellsam-vit-b --n 1,16,256,1024,3500 --formulations sam_repeat,shared,fused
+                       --precisions fp32 --repeats 5"
     # onnxruntime on the image is CPU-only (minutes per row at ViT-B size) and TensorRT is
     # absent: torch only here; a backend that is missing is listed in the report anyway
-    BENCH_ARGS="--config cellsam-vit-b --n 1,10,100,1000,3500 --backends torch-fp32,torch-fp16
+    BENCH_ARGS="--config cellsam-vit-b --n 1,10,100,1000,3500 --backends torch-fp32,torch-bf16,torch-fp16,torch-fp32-eager
                 --cap baseline=1000 --repeats 3 --baseline-repeats 2"
     # a 16-frame stack against 16 single calls, ViT-B steered to detect the synthetic cells
     STACK_ARGS="--device cuda --config cellsam-vit-b --backend torch --frames 16 --side 512 --batch-size 8"
@@ -136,7 +140,7 @@ for step in "$@"; do
             done ;;
         suite)  # the whole test suite (on the GPU host: the CUDA tests run instead of skipping)
             run_step suite "$LIMIT_SUITE" "$OUT/suite.log" $PY -m pytest -q -rs ;;
-        decoder)  # SAM's batched call against BoxDecoder: fp16 (CUDA only), then fp32, one JSON line per row
+        decoder)  # SAM's batched call, BoxDecoder eager and the fused Triton decoder: bf16/fp16 (CUDA only), then fp32
             for args in "$DECODER_FP16_ARGS" "$DECODER_FP32_ARGS"; do
                 [ -n "$args" ] || continue
                 run_step "decoder $args" "$LIMIT_DECODER" "$OUT/decoder.log" $PY bench/bench_decoder.py $args
@@ -148,7 +152,10 @@ import json, sys
 for line in open(sys.argv[1]):
     row = json.loads(line)
     if "error" in row:
-        print(f"  decoder row {row['formulation']} N={row['n']} fp16={row['fp16']}: {row['error']}")
+        print(f"  decoder row {row['formulation']} N={row['n']} {row.get('precision')}: {row['error']}")
+    elif "tflops" in row:
+        print(f"  fused {row['precision']} N={row['n']}: {row['ms_per_call']} ms, {row['ms_per_box']} ms/box, "
+              f"{row['tflops']} TFLOP/s, {row['gb_per_s']} GB/s")
 EOF
             ;;
         bench)

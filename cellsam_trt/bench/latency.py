@@ -108,8 +108,9 @@ def _make_backend(kind: str, network, device: torch.device, opts: BenchOptions, 
     """Build one backend kind; raises BackendError/ValueError/ImportError when it cannot run here."""
     from ..runtime import TorchBackend, create_backend
 
-    if kind in ("torch-fp32", "torch-fp16"):
-        return TorchBackend(network, device=device, precision=kind.split("-")[1])
+    if kind.startswith("torch-"):
+        _, precision, *eager = kind.split("-")
+        return TorchBackend(network, device=device, precision=precision, decoder="eager" if eager else "auto")
     if kind == "onnxruntime":
         if onnx_dir is None:
             raise BackendError("no ONNX export given (--onnx-dir DIR, or --export-onnx DIR to export the bench weights)")

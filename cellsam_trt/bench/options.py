@@ -9,7 +9,9 @@ from typing import Any
 
 DEFAULT_NS = (1, 10, 100, 500, 1000, 2000, 3500)
 SMOKE_NS = (1, 10)
-BACKEND_KINDS = ("torch-fp32", "torch-fp16", "onnxruntime", "tensorrt")
+# torch-<precision> runs the torch backend as it chooses its decoder (fused on CUDA);
+# torch-fp32-eager keeps the eager decoder, for the side-by-side of the two
+BACKEND_KINDS = ("torch-fp32", "torch-bf16", "torch-fp16", "torch-fp32-eager", "onnxruntime", "tensorrt")
 MASK_SOURCES = ("auto", "model", "cells")
 
 

@@ -371,6 +371,39 @@ class FusedBoxDecoder(nn.Module):
         return out
 
 
+def work_per_box(eager: BoxDecoder, storage_bytes: int = 4) -> dict[str, float]:
+    """What one box costs the fused decoder, counted from the kernels' tiles: the floating-point
+    operations of the per-box image side (2 per multiply-add: the products that meet the L
+    image tokens, the 7-token side left out) and the bytes of image-side tensors it loads and
+    stores (``storage_bytes`` per image-token value; weights and the token side left out).
+
+    Per box with L image tokens of C channels, H heads, T = 7 prompt tokens padded to 8:
+    each later block's token-to-image kernel reads the tokens and their positional encoding
+    (2 L C values), its image-to-token kernel reads the tokens twice (queries and residual)
+    and the encoding once and writes the tokens (4 L C); the first block's image-to-token
+    kernel reads the shared query projection and keys (L D + L C) and writes the box's
+    tokens (L C); the final attention reads 2 L C; the mask head reads L C and writes 16 L
+    float32 logits.
+    """
+    decoder = eager.mask_decoder
+    c = decoder.transformer_dim
+    h, w = eager.prompt_encoder.image_embedding_size
+    length = h * w
+    layers = decoder.transformer.layers
+    heads = layers[0].cross_attn_image_to_token.num_heads
+    rows = heads * TOKEN_ROWS
+    d_first = layers[0].cross_attn_image_to_token.internal_dim
+    conv1, _, _, conv2, _ = decoder.output_upscaling
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    later = len(layers) - 1
+    macs = (length * d_first * rows + length * rows * c  # first block, image to token
+            + later * 2 * (2 * length * c * rows)  # later blocks: both attentions
+            + 2 * length * c * rows  # final token-to-image attention
+            + length * c * 4 * c1 + 4 * length * c1 * 4 * c2 + 16 * length * c2)  # mask head
+    values = ((length * d_first + 2 * length * c) + later * 6 * length * c + 2 * length * c + length * c)
+    return {"flop": 2.0 * macs, "bytes": float(values * storage_bytes + 16 * length * 4)}
+
+
 def self_check(fused: FusedBoxDecoder, embedding: Tensor, boxes: Tensor) -> str | None:
     """Run a few boxes through ``fused`` and its eager decoder; None when the mask logits and
     IoU agree within ``SELF_CHECK_TOLERANCE`` for the storage type, else why not."""

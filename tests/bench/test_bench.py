@@ -84,7 +84,8 @@ def test_smoke_report_has_every_stage_backend_and_n(smoke_report):
         stages = base[("user", n)]["stages"]
         assert all(stages[s]["median"] > 0 for s in BASELINE_USER_STAGES)
     speed = {(s["backend"], s["n"]) for s in saved["speedup"] if s["boxes"] == "user"}
-    assert speed == {("torch-fp32", n) for n in options.SMOKE_NS}
+    measured = {kind for kind, entry in saved["backends"].items() if entry["status"] == "ok"}
+    assert "torch-fp32" in measured and speed == {(kind, n) for kind in measured for n in options.SMOKE_NS}
     assert all(s["total"] > 0 for s in saved["speedup"])
 
     steps = saved["preprocess"]["steps"]
