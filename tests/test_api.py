@@ -64,7 +64,10 @@ def test_details_are_consistent(finder_result):
     assert (d.iou >= 0.5).all()
     assert (np.diff(d.scores) <= 0).all()  # decoding order is score order
     assert d.embedding.shape == (1, 32, 64, 64)
-    assert set(d.timings) == {"preprocess", "encoder", "cellfinder", "decoder", "postprocess"}
+    assert set(d.timings) == {"checks", "preprocess", "encoder", "cellfinder", "boxes", "decoder", "postprocess",
+                              "details", "release", "total", "unattributed"}
+    stages = sum(v for k, v in d.timings.items() if k not in ("total", "unattributed"))
+    assert stages + d.timings["unattributed"] == pytest.approx(d.timings["total"])
     final = set(np.unique(labels)) - {0}
     assert final == set(d.labels_of_boxes[d.labels_of_boxes > 0].tolist())
 

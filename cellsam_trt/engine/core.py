@@ -60,7 +60,12 @@ class SegmentationDetails:
             or fully covered by later masks).
         embedding: (1, C, 64, 64) float32 image embedding.
         num_candidates: boxes sent to the decoder (before the IoU filter).
-        timings: seconds per stage.
+        timings: seconds per stage: checks (the call's settings and memory), preprocess,
+            encoder and cellfinder (the graphs), boxes (CellFinder's box selection), decoder
+            (the decoder graphs and painting), postprocess (labels to the host, clean-up),
+            details, release (host memory given back on the CPU); for one ``segment`` call
+            also total (its wall clock) and unattributed (total minus the stages). In a batch
+            the encoder and CellFinder times are the batch's divided by its images.
         backend: the backend that ran ("torch", "onnxruntime" or "tensorrt").
         path: "whole": the image ran as one model input (larger images return
             ``tiling.TiledDetails``, whose ``path`` is "tiled").
@@ -130,11 +135,16 @@ class Segmented:
 
 
 class Timer:
-    """Seconds per stage of one image (the backend synchronised at the end of each stage)."""
+    """Seconds per stage of one image (the backend synchronised at the end of each stage).
+
+    A single ``segment`` call's timings account for the whole call: ``close`` adds ``total``
+    (the wall clock since the timer was made) and ``unattributed`` (what no stage measured).
+    """
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.timings: dict[str, float] = {}
+        self.started = time.perf_counter()
 
     def stage(self, name: str):
         timer = self
@@ -151,6 +161,14 @@ class Timer:
 
     def add(self, name: str, seconds: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+    def close(self) -> dict[str, float]:
+        """Add ``total`` and ``unattributed`` (total minus the stages) and return the timings."""
+        total = time.perf_counter() - self.started
+        measured = sum(v for k, v in self.timings.items() if k not in ("total", "unattributed"))
+        self.timings["total"] = total
+        self.timings["unattributed"] = max(0.0, total - measured)
+        return self.timings
 
 
 def validate_boxes(boxes: Any, height: int, width: int) -> np.ndarray:
@@ -245,7 +263,7 @@ class GraphCore:
         backend = self.backend
         size = backend.config.image_size
         if item.user_boxes is None:
-            with timer.stage("cellfinder"):
+            with timer.stage("boxes"):  # CellFinder's scores, top boxes and threshold (its graph: "cellfinder")
                 scores, boxes_model = post.cellfinder_boxes(item.finder.logits, item.finder.boxes, size,
                                                             opts.bbox_threshold)
         else:
@@ -274,8 +292,14 @@ class GraphCore:
                 labels = post.remove_boundaries(labels)
         if not return_details:
             return Segmented(labels, None)
+        with timer.stage("details"):
+            details = self._details(item, decoded, before, labels, timer)
+        return Segmented(labels, details)
+
+    def _details(self, item: PreparedImage, decoded: DecodedMasks, before: np.ndarray, labels: np.ndarray,
+                 timer: Timer) -> SegmentationDetails:
         kept = decoded.kept
-        details = SegmentationDetails(
+        return SegmentationDetails(
             boxes=self.image_boxes(item, decoded.boxes_model, kept),
             scores=decoded.scores.cpu().numpy()[kept],
             iou=decoded.kept_iou,
@@ -285,7 +309,6 @@ class GraphCore:
             timings=timer.timings,
             backend=self.backend.name,
         )
-        return Segmented(labels, details)
 
     def image_boxes(self, item: PreparedImage, boxes_model: Tensor, kept: np.ndarray) -> np.ndarray:
         """(K, 4) the kept boxes in image pixels (the user's own boxes as given)."""

@@ -107,20 +107,24 @@ class Session:
         """
         from .embedding import ImageEmbedding
 
-        opts = SegmentOptions.of(options, **settings)
+        timer = Timer(self.backend)
         if isinstance(image, ImageEmbedding):
-            item = self._embedded_item(image, boxes)
-            labels, details = self._run_one(item, Timer(self.backend), opts, return_details, release=False)
+            with timer.stage("checks"):
+                opts = SegmentOptions.of(options, **settings)
+                item = self._embedded_item(image, boxes)
+            labels, details = self._run_one(item, timer, opts, return_details, release=False)
         else:
-            check_whole_image_memory(spatial_shape(image, opts.channel_axis),
-                                     "segment() of a {}x{} image as one model input",
-                                     "free memory" if opts.tile_size is not None else
-                                     "leave tile_size at its default to segment it in tiles (memory then bounded "
-                                     "by a few tiles)")
-            timer = Timer(self.backend)
+            with timer.stage("checks"):
+                opts = SegmentOptions.of(options, **settings)
+                check_whole_image_memory(spatial_shape(image, opts.channel_axis),
+                                         "segment() of a {}x{} image as one model input",
+                                         "free memory" if opts.tile_size is not None else
+                                         "leave tile_size at its default to segment it in tiles (memory then bounded "
+                                         "by a few tiles)")
             with timer.stage("preprocess"):
                 item = self.core.prepare(image, boxes, opts.clahe, opts.channel_axis)
             labels, details = self._run_one(item, timer, opts, return_details, release=True)
+        timer.close()
         if not labels.any():
             warn_no_cells("the image", stacklevel=warn_level + 1)
         return (labels, details) if return_details else labels
@@ -245,7 +249,8 @@ class Session:
                                  progress=opts.progress)
         del item
         if release:
-            self._release_host_memory()
+            with timer.stage("release"):
+                self._release_host_memory()
         return result.labels, result.details
 
     def _embedded_item(self, embedded: ImageEmbedding, boxes: Any) -> PreparedImage:
