@@ -68,6 +68,7 @@ if [ -n "$SMOKE" ]; then
     BENCH_ARGS="--smoke"
     STACK_ARGS="--frames 2 --side 128 --rounds 1 --batch-size 2"
     INTERACTIVE_ARGS="--device cpu --on-screen 0,10 --repeats 2"
+    STAGES_ARGS="--config tiny --device cpu --size 256"
     # one row of each kind runs out of memory, as SAM's decoder call at N = 3500 does on an
     # 80 GB GPU: the steps must report it and go on
     export CELLSAM_TRT_BENCH_SIMULATE_OOM=${CELLSAM_TRT_BENCH_SIMULATE_OOM-decoder/sam_repeat/16,torch-fp32/user/10}
@@ -95,6 +96,8 @@ else
                 --cap baseline=1000 --repeats 3 --baseline-repeats 2"
     # a 16-frame stack against 16 single calls, ViT-B steered to detect the synthetic cells
     STACK_ARGS="--device cuda --config cellsam-vit-b --backend torch --frames 16 --side 512 --batch-size 8"
+    # 1000 user boxes on a 1024 x 1024 image, the call's stages (fused decoder: the default on CUDA)
+    STAGES_ARGS="--config cellsam-vit-b --device cuda --size 1024 --user-boxes 1000"
     # embed once, prompt many times: ViT-B steered on the released tissue crop (or a synthetic
     # image without .released/), 5 boxes per prompt, adds with up to 1000 cells on screen
     INTERACTIVE_ARGS="--device cuda --config cellsam-vit-b --on-screen 0,10,100,1000 --repeats 5
@@ -181,10 +184,14 @@ EOF
             run_step interactive "${LIMIT_INTERACTIVE:-200}" "$OUT/interactive.log" $PY bench/bench_interactive.py \
                 $INTERACTIVE_ARGS --out "$OUT/interactive.json"
             [ -f "$OUT/interactive.md" ] && sed -n '/^| call/,$p' "$OUT/interactive.md" >> "$OUT/summary.txt" ;;
+        stages)  # one call accounted for: every stage of details.timings and what none measured (bench_stages.py)
+            run_step stages "${LIMIT_STAGES:-120}" "$OUT/stages.log" $PY bench/bench_stages.py $STAGES_ARGS \
+                --out "$OUT/stages.json"
+            sed -n '/^| stage/,$p' "$OUT/stages.log" >> "$OUT/summary.txt" ;;
         stack)  # frames per second: segment_stack against a loop of segment (bench_stack.py)
             run_step stack "${LIMIT_STACK:-150}" "$OUT/stack.log" $PY bench/bench_stack.py $STACK_ARGS --out "$OUT/stack.json" ;;
         *)
-            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | profile | suite | decoder | bench | interactive | stack)" >&2; exit 2 ;;
+            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | profile | suite | decoder | bench | interactive | stages | stack)" >&2; exit 2 ;;
     esac
 done
 echo "--- summary ($OUT/summary.txt)"
