@@ -26,7 +26,7 @@ LAYERS = [
     ("engine",),
     ("runtime",),
     ("modeling",),
-    ("io", "axes", "progress", "version"),
+    ("io", "axes", "progress", "version", "lazy"),
 ]
 # Packages whose __init__ gathers public names, and the documented import paths kept for
 # scripts written against earlier releases: the only modules that import a name to offer it.

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..bench.latency import run_bench, summary_lines, write_report
 from ..bench.options import add_arguments, options_from_args
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..bench.latency import run_bench, summary_lines, write_report  # the model stack: when it runs
+
     opts = options_from_args(args)
     report = run_bench(opts)
     path = write_report(report, opts.out_dir)

@@ -5,16 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..graphs.tensorrt_engines import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_BOXES,
-    DEFAULT_OPT_BOXES,
-    build_engines,
-    format_rows,
-    verify_engines,
-)
-from ..runtime.artifacts import GRAPH_NAMES
-from ..runtime.tensorrt_backend import current_gpu, require_tensorrt
+from ..runtime.artifacts import DEFAULT_MAX_BATCH, DEFAULT_MAX_BOXES, DEFAULT_OPT_BOXES, GRAPH_NAMES
 
 
 def fill_cache(args: argparse.Namespace) -> int:
@@ -23,6 +14,7 @@ def fill_cache(args: argparse.Namespace) -> int:
     from ..modeling.checkpoint import find_checkpoint
     from ..runtime import resolve_device
     from ..runtime.cache import ArtifactCache, EngineRequest
+    from ..runtime.tensorrt_backend import current_gpu, require_tensorrt
 
     if args.verify_only or args.verify:
         raise ValueError("--verify / --verify-only: give --onnx-dir (and --out) to compare engines with their graphs")
@@ -39,6 +31,8 @@ def fill_cache(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..graphs.tensorrt_engines import build_engines, format_rows, verify_engines  # torch: when it runs
+
     if args.onnx_dir is None:
         if args.out is not None:
             raise ValueError("--onnx-dir: needed with --out (without both, the engines go to the artifact cache)")

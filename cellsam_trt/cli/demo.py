@@ -6,15 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..api import CellSAM
-from ..dev.steering import steer_random_network
-from ..dev.synthetic import synthetic_cells
-from ..io import write_labels_tiff
-from ..modeling import checkpoint as ckpt
-from ..modeling.config import ModelConfig
-from ..runtime import TorchBackend, resolve_device
-from .pictures import overlay, write_png
-
 NOTICE = """\
 ========================================================================
  NO RELEASED CELLSAM WEIGHTS FOUND: RUNNING WITH RANDOM WEIGHTS
@@ -26,6 +17,16 @@ NOTICE = """\
 
 
 def run(args: argparse.Namespace) -> int:
+    # the model stack is imported here, when the command runs, not when the parser is built
+    from ..api import CellSAM
+    from ..dev.steering import steer_random_network
+    from ..dev.synthetic import synthetic_cells
+    from ..io import write_labels_tiff
+    from ..modeling import checkpoint as ckpt
+    from ..modeling.config import ModelConfig
+    from ..runtime import TorchBackend, resolve_device
+    from .pictures import overlay, write_png
+
     device = resolve_device(args.device)
     image = synthetic_cells(args.size, args.size, n_cells=args.cells, seed=args.seed)
     path = Path(args.checkpoint).expanduser() if args.checkpoint else ckpt.DEFAULT_CHECKPOINT

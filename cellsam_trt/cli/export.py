@@ -5,12 +5,13 @@ import argparse
 import time
 from pathlib import Path
 
-from ..graphs.onnx_export import export_checkpoint
 from ..modeling.config import ModelConfig
 from ..runtime.artifacts import GRAPH_NAMES, MANIFEST_NAME, OPSET, format_shape
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..graphs.onnx_export import export_checkpoint  # torch and onnx: when the command runs
+
     t0 = time.perf_counter()
     if args.out is None:
         return fill_cache(args)

@@ -40,14 +40,16 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..engine.options import SegmentOptions
 from ..io import IMAGE_SUFFIXES, read_image
 from ..progress import progress_bar, write_line
 from ..runtime import BACKENDS
+
+if TYPE_CHECKING:
+    from ..engine.options import SegmentOptions
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +277,7 @@ def image_layout(image: Any, args: argparse.Namespace) -> Any:
 
 def segment_options(args: argparse.Namespace) -> SegmentOptions:
     """The ``SegmentOptions`` the command's flags ask for; ValueError naming the flag."""
+    from ..engine.options import SegmentOptions
     try:
         return SegmentOptions(bbox_threshold=args.bbox_threshold, normalize=args.clahe, postprocess=args.postprocess,
                               remove_boundaries=args.remove_boundaries,
@@ -444,10 +447,8 @@ def _segment_streamed(session: Any, image: Any, outputs: Outputs, options: Segme
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import CellSAM
-
-    options = segment_options(args)  # bad flags fail here, before any work
     outdir = Path(args.outdir)
+    # inputs first: a mistyped path answers before the model stack is imported
     paths, problems = expand_inputs(args.inputs, args.recursive, exclude=outdir)
     failed: list[tuple[str, str]] = list(problems)
     for item, reason in problems:
@@ -455,6 +456,8 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         print(f"cellsam-trt segment: no images to segment ({len(problems)} inputs matched nothing)", file=sys.stderr)
         return 1
+    options = segment_options(args)  # bad flags fail here, before any work
+    from ..api import CellSAM
     stems = unique_stems(paths)
     plan = [(p, Outputs(outdir / f"{s}_labels.tif", outdir / f"{s}_overlay.png" if args.overlay else None,
                         outdir / f"{s}_cells.csv" if args.csv else None)) for p, s in zip(paths, stems)]

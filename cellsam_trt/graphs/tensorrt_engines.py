@@ -40,6 +40,9 @@ import torch
 from ..io import write_public
 from ..runtime.artifacts import (
     BOX_GRAPHS,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BOXES,
+    DEFAULT_OPT_BOXES,
     ENGINE_METADATA_FORMAT,
     ENGINE_METADATA_NAME,
     ENGINE_METADATA_VERSION,
@@ -57,9 +60,6 @@ from ..runtime.tensorrt_backend import current_gpu, require_tensorrt
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH = 8
-DEFAULT_MAX_BOXES = 1024
-DEFAULT_OPT_BOXES = 256
 TIMING_CACHE_NAME = "timing.cache"
 
 

@@ -22,10 +22,11 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's parsers read the constants here
+    import torch
+    from torch import Tensor
 
 from ..modeling.config import ModelConfig
 from .base import BackendError
@@ -50,6 +51,11 @@ ENGINE_METADATA_VERSION = 1
 GRAPH_NAMES = ("encoder", "cellfinder", "decoder", "mask_head")
 # the graphs whose first dimension is the number of boxes (the others: the image batch)
 BOX_GRAPHS = ("decoder", "mask_head")
+# TensorRT engine profiles by default: image batch up to 8, decoder calls up to 1024 boxes
+# (256 the optimum); the runtime chunks larger calls
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_BOXES = 1024
+DEFAULT_OPT_BOXES = 256
 # fp32: the traced graphs; fp16: their mixed-precision versions (cellsam_trt.graphs.mixed_precision)
 PRECISIONS = ("fp32", "fp16")
 BATCH_DIM = "batch"
@@ -127,7 +133,9 @@ def io_shapes(config: ModelConfig, graph: str) -> dict[str, Shape]:
 
 def check_input(graph: str, name: str, tensor: Tensor, config: ModelConfig) -> None:
     """ValueError unless ``tensor`` fits the contract shape of input ``name`` of ``graph``."""
-    if not isinstance(tensor, Tensor):
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{graph} {name}: expected a torch tensor, got {type(tensor).__name__}")
     expected = io_shapes(config, graph)[name]
     shape = tuple(tensor.shape)
@@ -366,6 +374,8 @@ def image_profile_shapes(config: ModelConfig, graph: str, max_batch: int, opt_ba
 
 def torch_dtype(name: str) -> torch.dtype:
     """numpy-style dtype name ("float32") -> torch dtype."""
+    import torch
+
     table = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
              "bool": torch.bool}
     if name not in table:

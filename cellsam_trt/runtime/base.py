@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import abc
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ..modeling.config import ModelConfig
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's parsers read this module
+    import torch
+    from torch import Tensor
+
+# the backends by name, "auto" choosing among them (``runtime.choice.create_backend``)
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "auto")
 
 
 class BackendError(RuntimeError):
@@ -31,6 +36,8 @@ OUT_OF_MEMORY_MARKERS = (
 def is_out_of_memory(err: BaseException) -> bool:
     """True when ``err`` is a failed allocation (a smaller call may succeed), whatever the
     library that raised it."""
+    import torch
+
     if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
     message = str(err).lower()
@@ -40,6 +47,8 @@ def is_out_of_memory(err: BaseException) -> bool:
 def release_cached_memory() -> None:
     """Give torch's cached, unused CUDA blocks back before a smaller retry (other libraries
     allocate outside torch's cache)."""
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -47,6 +56,8 @@ def release_cached_memory() -> None:
 def in_batches(run, images: Tensor, max_batch: int | None) -> list[Tensor]:
     """``run(images)`` -> list of outputs, called on slices of at most ``max_batch`` images
     (None: all at once) and concatenated along the batch axis."""
+    import torch
+
     step = max_batch or max(1, len(images))
     parts = [run(images[i:i + step]) for i in range(0, len(images), step)]
     return list(parts[0]) if len(parts) == 1 else [torch.cat(outs, dim=0) for outs in zip(*parts)]
@@ -55,6 +66,8 @@ def in_batches(run, images: Tensor, max_batch: int | None) -> list[Tensor]:
 def kept_rows(iou: Tensor, keep_iou: float | None) -> Tensor | None:
     """Indices (K,) int64 of the rows of ``iou`` (N, 1) at or above ``keep_iou``, in order;
     None for ``keep_iou=None`` (every row). The pipeline's IoU filter, in one place."""
+    import torch
+
     if keep_iou is None:
         return None
     return torch.nonzero(iou[:, 0] >= keep_iou)[:, 0]
@@ -114,6 +127,8 @@ class Backend(abc.ABC):
 
     def synchronize(self) -> None:
         """Wait for queued device work (for honest stage timings)."""
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
