@@ -500,8 +500,9 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     seconds = time.perf_counter() - t0
 
-    print(f"segmented {done} of {len(plan)} images in {seconds:.1f} s: {cells} cells"
-          + (f", {empty} images without cells" if empty else "")
+    given = len(plan) + len(problems)  # every input counts, those that matched nothing too
+    print(f"segmented {done} of {given} {_plural(given, 'image')} in {seconds:.1f} s: {cells} {_plural(cells, 'cell')}"
+          + (f", {empty} {_plural(empty, 'image')} without cells" if empty else "")
           + (f"; skipped {skipped} already done (--resume)" if skipped else "")
           + (f"; {len(failed)} failed" if failed else "")
           + f"; outputs in {outdir}")
@@ -511,6 +512,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {item}: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else noun + "s"
 
 
 def register(subparsers) -> None:

@@ -325,7 +325,7 @@ class ArtifactCache:
             if not self.build:
                 raise CacheError(
                     f"the {what} is not in the cache ({self.root}) and building is turned off "
-                    f"({NO_BUILD_ENV} or build=False); make it beforehand with "
+                    f"({NO_BUILD_ENV}, build=False, or --no-build on the command line); make it beforehand with "
                     f"`cellsam-trt {'export' if kind == 'onnx' else 'build-engines'}` without --out "
                     f"(with {CACHE_ENV} pointing at this cache), or pass onnx_dir= / engine_dir="
                 )

@@ -60,7 +60,8 @@ def test_folder_with_a_corrupt_file_then_resume(checkpoint, session, plane, tmp_
     captured = capsys.readouterr()
     assert rc == 1  # the bad file and the missing input fail, the rest succeed
     assert "bad.tif" in captured.err and "missing.tif" in captured.err
-    assert "segmented 3 of 4 images" in captured.out and "2 failed" in captured.out
+    # five inputs: the folder's four images and the missing file
+    assert "segmented 3 of 5 images" in captured.out and "2 failed" in captured.out
     expected = quiet_segment(session, plane)
     assert expected.max() >= 1
     for name in "abc":
@@ -264,3 +265,16 @@ def test_zarr_store_input(checkpoint, session, plane, tmp_path, capsys):
     assert run_cli(tmp_path / "plane.zarr", "-o", tmp_path / "out", "--checkpoint", checkpoint) == 0
     assert "segmented 1 of 1" in capsys.readouterr().out
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "plane_labels.tif"), quiet_segment(session, plane))
+
+
+def test_the_summary_counts_every_input_and_its_nouns(checkpoint, tmp_path, capsys):
+    """One empty image and one path that matches nothing: two inputs, one segmented, one image
+    without cells (singular), one failure."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "blank.tif", np.zeros((64, 64), np.uint16))
+    rc = run_cli(tmp_path / "blank.tif", tmp_path / "typo.tif", "-o", tmp_path / "out", "--checkpoint", checkpoint)
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "segmented 1 of 2 images" in out and "1 image without cells" in out and "0 cells" in out
+    assert "1 failed" in out
