@@ -40,6 +40,18 @@ def test_cellfinder_path_equals_per_box_reference(steered_tiny, cell_image, find
     np.testing.assert_array_equal(labels, expected)
 
 
+def test_boxes_reaching_past_the_edge_are_decoded_as_given(steered_tiny, session, cell_image):
+    """CellFinder's boxes can reach outside the image; fed back (or given), such boxes are taken
+    unchanged, as the released code takes them, with its labels."""
+    labels, details = session.segment(cell_image, return_details=True)
+    height, width = cell_image.shape[:2]
+    edge = np.array([[-11, 5, 60, 70], [width - 50, height - 40, width + 20, height + 9]], np.float32)
+    boxes = np.concatenate([details.boxes, edge])
+    again = session.segment(cell_image, boxes=boxes)
+    np.testing.assert_array_equal(again, reference_segment(steered_tiny, cell_image, boxes=boxes))
+    assert again.max() >= 3
+
+
 def test_user_boxes_equal_per_box_reference(steered_tiny, session, cell_image):
     boxes = user_boxes(40, *cell_image.shape[:2])
     labels, details = session.segment(cell_image, boxes=boxes, return_details=True)
@@ -101,8 +113,8 @@ def test_any_real_dtype_works(session, dtype):
     [
         (np.zeros((3, 5)), r"shape \(N, 4\)"),
         ([[10, 10, 5, 20]], "x2 < x1"),
-        ([[0, 0, 500, 20]], "outside"),
-        ([[-1, 0, 5, 20]], "outside"),
+        ([[420, 0, 500, 20]], "entirely outside"),
+        ([[-30, 0, -1, 20]], "entirely outside"),
         ([[0, 0, np.nan, 20]], "NaN"),
         ([["a", 0, 1, 2]], "real numbers"),
         ([[0, 0, 1], [0, 0, 1, 2]], "cannot be read"),

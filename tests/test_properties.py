@@ -71,11 +71,13 @@ def test_normalize_output_is_in_unit_range(image):
     st.integers(2, 120), st.integers(2, 120),
 )
 def test_validate_boxes_accepts_exactly_valid_boxes(boxes, height, width):
+    """Well-formed boxes that overlap the image, reaching past its edge or not."""
     valid = (
         boxes.shape == (0, 4)
         or (boxes.size > 0 and boxes.ndim == 2 and boxes.shape[1] == 4 and np.isfinite(boxes).all()
             and (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
-            and (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all())
+            and (boxes[:, 2] >= 0).all() and (boxes[:, 3] >= 0).all()  # each box overlaps the image
+            and (boxes[:, 0] <= width).all() and (boxes[:, 1] <= height).all())
     )
     if valid:
         out = validate_boxes(boxes, height, width)
