@@ -279,43 +279,71 @@ def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray) -> Path:
-    """Labels (H, W) integer -> compressed TIFF."""
+LABEL_DTYPES = ("auto", "uint16", "uint32", "int32")
+
+
+def label_file_dtype(max_label: int, requested: str = "auto") -> np.dtype:
+    """The integer type a label file is written in: "auto" (default) the smallest unsigned type
+    that holds ``max_label`` (uint16, uint32 above 65535 labels: what Fiji and cellpose read;
+    ImageJ has no signed 32-bit type), or the ``requested`` one, checked to hold the labels."""
+    if requested not in LABEL_DTYPES:
+        raise ValueError(f"label dtype: expected one of {LABEL_DTYPES}, got {requested!r}")
+    dtype = np.dtype(("uint16" if max_label <= 65535 else "uint32") if requested == "auto" else requested)
+    if max_label > np.iinfo(dtype).max:
+        raise ValueError(f"label dtype: {max_label} labels do not fit in {dtype.name}; use uint32 or auto")
+    return dtype
+
+
+def write_labels_tiff(path: str | os.PathLike, labels: np.ndarray, dtype: str = "auto") -> Path:
+    """Labels (H, W) integer -> compressed TIFF in ``label_file_dtype`` (uint16 by default);
+    uint16 files carry ImageJ metadata, so Fiji opens them as a 16-bit label image."""
     import tifffile
 
-    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, labels, compression="zlib"))
+    labels = np.asarray(labels)
+    kind = label_file_dtype(int(labels.max()) if labels.size else 0, dtype)
+    data = labels.astype(kind, copy=False)
+    imagej = kind == np.uint16  # ImageJ's hyperstacks hold 8/16-bit integers and float32, not 32-bit integers
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, imagej=imagej, compression="zlib",
+                                                           metadata={"axes": "YX"} if imagej else None))
 
 
-def write_label_stack_tiff(path: str | os.PathLike, frames: Any, shape: tuple[int, ...], axes: str) -> Path:
+def write_label_stack_tiff(path: str | os.PathLike, frames: Any, shape: tuple[int, ...], axes: str,
+                           dtype: Any = np.uint16) -> Path:
     """A label stack -> compressed OME-TIFF with its axes, one frame in memory at a time.
 
     Args:
         frames: iterable of (H, W) integer arrays in C order of the stack axes.
         shape: (stack sizes..., H, W).
         axes: one letter per entry of ``shape``, e.g. "TYX", "TZYX".
+        dtype: the file's integer type (``label_file_dtype`` of the largest label).
     """
     import tifffile
 
+    dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * 4
-    pages = (np.ascontiguousarray(f, dtype=np.int32) for f in frames)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    pages = (np.ascontiguousarray(f, dtype=dtype) for f in frames)
     return atomic_write(path, lambda tmp: tifffile.imwrite(
-        tmp, pages, shape=shape, dtype=np.int32, ome=True, metadata={"axes": axes}, compression="zlib",
+        tmp, pages, shape=shape, dtype=dtype, ome=True, metadata={"axes": axes}, compression="zlib",
         bigtiff=nbytes > (2 << 30) - (64 << 20)))
 
 
-def write_labels_tiff_tiled(path: str | os.PathLike, labels: Any, tile: int = 1024) -> Path:
+def write_labels_tiff_tiled(path: str | os.PathLike, labels: Any, tile: int = 1024, *,
+                            max_label: int | None = None, label_dtype: str = "auto") -> Path:
     """Labels (H, W) from an array read region by region (a zarr array) -> tiled, compressed
     BigTIFF, one tile in memory at a time.
 
     Args:
         labels: (H, W) integer array-like with numpy slicing.
         tile: tile side, a multiple of 16.
+        max_label, label_dtype: the largest label (None: as many as the array's type holds)
+            and the file's type (``label_file_dtype``).
     """
     import tifffile
 
     height, width = (int(v) for v in labels.shape)
-    dtype = np.dtype(labels.dtype)
+    # the smallest unsigned type the array's own type calls for (uint16 up to 65535 labels)
+    dtype = label_file_dtype(max_label if max_label is not None else np.iinfo(labels.dtype).max, label_dtype)
 
     def tiles():
         for y0 in range(0, height, tile):

@@ -63,3 +63,27 @@ def test_label_stack_tiff_keeps_its_axes(tmp_path):
         assert tif.series[0].axes == "TZYX"
         np.testing.assert_array_equal(tif.asarray(), np.stack(frames).reshape(2, 3, 16, 20))
     assert read_image(tmp_path / "l.tif").axes == "TZYX"
+
+
+def test_label_tiffs_are_the_smallest_unsigned_type_fiji_reads(tmp_path):
+    import tifffile
+
+    from cellsam_trt.io import label_file_dtype, write_labels_tiff
+
+    labels = np.zeros((40, 50), np.int32)
+    labels[5:10, 5:10], labels[20:30, 20:40] = 1, 300
+    path = write_labels_tiff(tmp_path / "few.tif", labels)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_imagej and tif.pages[0].dtype == np.uint16  # ImageJ metadata: Fiji opens it as 16-bit labels
+        np.testing.assert_array_equal(tif.asarray(), labels)
+    many = labels.copy()
+    many[0, 0] = 70000
+    with tifffile.TiffFile(write_labels_tiff(tmp_path / "many.tif", many)) as tif:
+        assert tif.pages[0].dtype == np.uint32
+        np.testing.assert_array_equal(tif.asarray(), many)
+    with tifffile.TiffFile(write_labels_tiff(tmp_path / "signed.tif", labels, "int32")) as tif:
+        assert tif.pages[0].dtype == np.int32  # for those who need it
+    with pytest.raises(ValueError, match="do not fit in uint16"):
+        label_file_dtype(70000, "uint16")
+    with pytest.raises(ValueError, match="label dtype"):
+        label_file_dtype(3, "float32")

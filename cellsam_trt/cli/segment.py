@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..io import IMAGE_SUFFIXES, read_image
+from ..io import IMAGE_SUFFIXES, LABEL_DTYPES, label_file_dtype, read_image
 from ..progress import progress_bar, write_line
 from ..runtime import BACKENDS
 
@@ -192,6 +192,7 @@ class Outputs:
     labels: Path
     overlay: Path | None
     cells: Path | None
+    label_dtype: str = "auto"  # the labels file's integer type (``io.label_file_dtype``)
 
     def all(self) -> list[Path]:
         return [p for p in (self.labels, self.overlay, self.cells) if p is not None]
@@ -338,7 +339,7 @@ def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Nam
     if outputs.overlay is not None:
         source = ImageSource(image, axis)
         write_png(outputs.overlay, overlay(source.read(0, source.height, 0, source.width), labels))
-    write_labels_tiff(outputs.labels, labels)
+    write_labels_tiff(outputs.labels, labels, outputs.label_dtype)
     return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
 
 
@@ -409,8 +410,11 @@ def _segment_stack(session: Any, array: Any, layout: Any, outputs: Outputs, args
             cells += int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
             yield labels
 
-    # labels last: with --resume an interrupted stack is redone from its saved frames
-    write_label_stack_tiff(outputs.labels, frames(), layout.stack_shape + layout.plane_shape, stack_letters + "YX")
+    # labels last: with --resume an interrupted stack is redone from its saved frames; frames
+    # are numbered 1..K_f each, so the largest label is the largest frame's count
+    largest = max(int(np.load(frame_file(index, ".npy"), mmap_mode="r").max()) for index in indices)
+    write_label_stack_tiff(outputs.labels, frames(), layout.stack_shape + layout.plane_shape, stack_letters + "YX",
+                           dtype=label_file_dtype(largest, outputs.label_dtype))
     shutil.rmtree(frames_dir, ignore_errors=True)
     return cells
 
@@ -440,7 +444,7 @@ def _segment_streamed(session: Any, image: Any, outputs: Outputs, options: Segme
                                         options=options)
         if outputs.cells is not None:
             write_cells_csv(outputs.cells, cell_rows(labels, details))
-        write_labels_tiff_tiled(outputs.labels, labels)
+        write_labels_tiff_tiled(outputs.labels, labels, max_label=details.num_cells, label_dtype=outputs.label_dtype)
         return details.num_cells
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -460,7 +464,8 @@ def run(args: argparse.Namespace) -> int:
     from ..api import CellSAM
     stems = unique_stems(paths)
     plan = [(p, Outputs(outdir / f"{s}_labels.tif", outdir / f"{s}_overlay.png" if args.overlay else None,
-                        outdir / f"{s}_cells.csv" if args.csv else None)) for p, s in zip(paths, stems)]
+                        outdir / f"{s}_cells.csv" if args.csv else None, args.label_dtype))
+            for p, s in zip(paths, stems)]
     todo = [(p, o) for p, o in plan if not (args.resume and o.done())]
     skipped = len(plan) - len(todo)
     if args.resume:
@@ -535,6 +540,9 @@ def register(subparsers) -> None:
     p.add_argument("--onnx-dir", help="export folder of `cellsam-trt export` (backends onnxruntime, auto)")
     p.add_argument("--engine-dir", help="engine folder of `cellsam-trt build-engines` (backends tensorrt, auto)")
     p.add_argument("--cache-dir", help="artifact cache folder (default: $CELLSAM_TRT_CACHE or the user cache folder)")
+    p.add_argument("--label-dtype", choices=LABEL_DTYPES, default="auto",
+                   help="integer type of the label TIFFs: auto (default: uint16, uint32 above 65535 cells; "
+                        "uint16 files carry ImageJ metadata for Fiji), uint16, uint32, or int32")
     p.add_argument("--no-build", action="store_true",
                    help="never export graphs or build engines here: use what the cache or the folders hold")
     p.add_argument("--device", help="torch device (default: cuda if available)")

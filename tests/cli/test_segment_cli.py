@@ -278,3 +278,16 @@ def test_the_summary_counts_every_input_and_its_nouns(checkpoint, tmp_path, caps
     assert rc == 1
     assert "segmented 1 of 2 images" in out and "1 image without cells" in out and "0 cells" in out
     assert "1 failed" in out
+
+
+def test_label_files_are_uint16_by_default_and_int32_on_request(checkpoint, plane, tmp_path):
+    import tifffile
+
+    np.save(tmp_path / "p.npy", plane)
+    assert run_cli(tmp_path / "p.npy", "-o", tmp_path / "a", "--checkpoint", checkpoint) == 0
+    with tifffile.TiffFile(tmp_path / "a" / "p_labels.tif") as tif:
+        assert tif.pages[0].dtype == np.uint16 and tif.is_imagej
+    assert run_cli(tmp_path / "p.npy", "-o", tmp_path / "b", "--checkpoint", checkpoint, "--label-dtype", "int32") == 0
+    with tifffile.TiffFile(tmp_path / "b" / "p_labels.tif") as tif:
+        assert tif.pages[0].dtype == np.int32
+        np.testing.assert_array_equal(tif.asarray(), tifffile.imread(tmp_path / "a" / "p_labels.tif"))
