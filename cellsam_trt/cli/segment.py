@@ -461,6 +461,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cellsam-trt segment: no images to segment ({len(problems)} inputs matched nothing)", file=sys.stderr)
         return 1
     options = segment_options(args)  # bad flags fail here, before any work
+    check_output_folder(outdir)  # and an output that cannot be written, before the first image
     from ..api import CellSAM
     stems = unique_stems(paths)
     plan = [(p, Outputs(outdir / f"{s}_labels.tif", outdir / f"{s}_overlay.png" if args.overlay else None,
@@ -517,6 +518,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {item}: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_output_folder(folder: Path) -> None:
+    """Make ``folder`` (and its parents) and check that files can be written in it; an OSError
+    naming the folder and the reason otherwise (an existing file, a path under a file, no
+    permission), so that no image is segmented for outputs that cannot be written."""
+    if folder.exists() and not folder.is_dir():
+        raise OSError(f"-o: {folder} is a file, not a folder; give a folder for the outputs")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent is a file, a read-only file system, no permission
+        raise OSError(f"-o: cannot make the output folder {folder} ({err.strerror or err})") from None
+    probe = folder / f".cellsam-trt-write-check-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"-o: cannot write in {folder} ({err.strerror or err})") from None
 
 
 def _plural(count: int, noun: str) -> str:

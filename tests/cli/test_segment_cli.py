@@ -291,3 +291,17 @@ def test_label_files_are_uint16_by_default_and_int32_on_request(checkpoint, plan
     with tifffile.TiffFile(tmp_path / "b" / "p_labels.tif") as tif:
         assert tif.pages[0].dtype == np.int32
         np.testing.assert_array_equal(tif.asarray(), tifffile.imread(tmp_path / "a" / "p_labels.tif"))
+
+
+def test_an_output_that_cannot_be_written_fails_before_any_image(checkpoint, plane, tmp_path, capsys, monkeypatch):
+    """An existing file as -o, or a folder under a file: one error line, and no session is loaded."""
+    import cellsam_trt.api
+
+    np.save(tmp_path / "p.npy", plane)
+    (tmp_path / "taken").write_text("a file")
+    monkeypatch.setattr(cellsam_trt.api.CellSAM, "from_checkpoint",
+                        classmethod(lambda cls, *a, **k: pytest.fail("loaded the model before checking -o")))
+    assert run_cli(tmp_path / "p.npy", "-o", tmp_path / "taken", "--checkpoint", checkpoint) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert run_cli(tmp_path / "p.npy", "-o", tmp_path / "taken" / "out", "--checkpoint", checkpoint) == 1
+    assert "cannot make the output folder" in capsys.readouterr().err
