@@ -58,15 +58,7 @@ class BoxDecoder(nn.Module):
         """
         decoder = self.mask_decoder
         transformer = decoder.transformer
-        sparse, _ = self.prompt_encoder(points=None, boxes=boxes, masks=None)
-        n = sparse.shape[0]
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)  # (N, T, C)
-
-        # without a mask prompt the dense embedding is the no-mask embedding, for every box
-        src = embedding + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        keys = src.flatten(2).permute(0, 2, 1)  # (1, HW, C)
-        key_pe = self.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)  # (1, HW, C)
+        tokens, keys, key_pe = self.prompt_side(embedding, boxes)
 
         queries, keys = _first_block(transformer.layers[0], tokens, keys, key_pe)
         for layer in transformer.layers[1:]:
@@ -77,6 +69,21 @@ class BoxDecoder(nn.Module):
         hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1, :])  # (N, C / 8)
         iou = decoder.iou_prediction_head(hs[:, 0, :])[:, :1]
         return keys, hyper, iou
+
+    def prompt_side(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The transformer's inputs: tokens (N, T, C) (IoU token, mask tokens, the box's two
+        corner embeddings), and the image side shared by every box: keys (1, HW, C) (the
+        embedding plus the no-mask embedding) and their positional encoding key_pe (1, HW, C)."""
+        decoder = self.mask_decoder
+        sparse, _ = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        n = sparse.shape[0]
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)
+        # without a mask prompt the dense embedding is the no-mask embedding, for every box
+        src = embedding + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        keys = src.flatten(2).permute(0, 2, 1)
+        key_pe = self.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
+        return tokens, keys, key_pe
 
     def mask_head(self, keys: Tensor, hyper: Tensor) -> Tensor:
         """Mask logits (N, 1, 4G, 4G) from ``decode_tokens``' keys (N, G*G, C) and hyper (N, C / 8),

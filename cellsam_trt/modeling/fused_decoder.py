@@ -259,13 +259,8 @@ class FusedBoxDecoder(nn.Module):
         eager = self.eager
         decoder = eager.mask_decoder
         transformer = decoder.transformer
-        sparse, _ = eager.prompt_encoder(points=None, boxes=boxes, masks=None)
-        n = sparse.shape[0]
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(n, -1, -1), sparse), dim=1)  # (N, T, C)
-        src = embedding + eager.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        keys = src.flatten(2).permute(0, 2, 1).contiguous()  # (1, L, C), shared by every box
-        key_pe = eager.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1).contiguous()
+        tokens, keys, key_pe = eager.prompt_side(embedding, boxes)  # keys (1, L, C): shared by every box
+        keys, key_pe = keys.contiguous(), key_pe.contiguous()
 
         # first block: the image side is still the same for every box (as BoxDecoder does)
         block = transformer.layers[0]

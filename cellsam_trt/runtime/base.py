@@ -80,6 +80,21 @@ def kept_masks(mask_logits: Tensor, iou: Tensor, keep_iou: float | None) -> Tens
     return mask_logits if rows is None else mask_logits[rows]
 
 
+def masks_of_kept(run_mask_head, image_tokens: Tensor, hyper: Tensor, iou: Tensor, keep_iou: float | None,
+                  low_res: int) -> Tensor:
+    """The mask head on the rows ``kept_rows`` keeps: ``run_mask_head(image_tokens, hyper)`` ->
+    (K, 1, low_res, low_res) float32; with no row kept it is not run (an engine profile, and
+    ONNX Runtime's kernels, start at one row)."""
+    import torch
+
+    rows = kept_rows(iou, keep_iou)
+    if rows is not None:
+        image_tokens, hyper = image_tokens[rows], hyper[rows]
+    if len(image_tokens) == 0:
+        return torch.zeros((0, 1, low_res, low_res), dtype=torch.float32, device=iou.device)
+    return run_mask_head(image_tokens, hyper).float()
+
+
 class Backend(abc.ABC):
     """Runs the three CellSAM graphs on tensors.
 

@@ -29,7 +29,7 @@ from .base import (
     OutOfDeviceMemory,
     in_batches,
     is_out_of_memory,
-    kept_rows,
+    masks_of_kept,
     release_cached_memory,
 )
 from .torch_backend import resolve_device
@@ -288,13 +288,8 @@ class OnnxRuntimeBackend(Backend):
         # the image's last decoder call does, so the next encoder call starts without it.
         options = self._release_arena if last_call and self._decoder_arena else None
         iou, image_tokens, hyper = self._run("decoder", {"embedding": embedding, "boxes": boxes}, options)
-        rows = kept_rows(iou, keep_iou)
-        if rows is not None:
-            image_tokens, hyper = image_tokens[rows], hyper[rows]
-        if len(image_tokens) == 0:  # no box passed: the mask head has nothing to do
-            low = self.config.sam.low_res_size
-            return torch.zeros((0, 1, low, low), dtype=torch.float32, device=self.device), iou
-        (masks,) = self._run("mask_head", {"image_tokens": image_tokens, "hyper": hyper}, options)
+        masks = masks_of_kept(lambda t, h: self._run("mask_head", {"image_tokens": t, "hyper": h}, options)[0],
+                              image_tokens, hyper, iou, keep_iou, self.config.sam.low_res_size)
         return masks, iou
 
     def describe(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from .artifacts import (
     file_sha256,
     read_record,
 )
-from .base import Backend, BackendError, OutOfDeviceMemory, in_batches, kept_rows
+from .base import Backend, BackendError, OutOfDeviceMemory, in_batches, masks_of_kept
 from .torch_backend import resolve_device
 
 log = logging.getLogger(__name__)
@@ -335,15 +335,9 @@ class TensorRTBackend(Backend):
             )
         iou, image_tokens, hyper = self.runners["decoder"]({"embedding": embedding, "boxes": boxes}, self.stream)
         iou = iou.float()
-        rows = kept_rows(iou, keep_iou)
-        if rows is not None:
-            image_tokens, hyper = image_tokens[rows], hyper[rows]
-        if len(image_tokens) == 0:  # no box passed: an engine profile starts at one row
-            low = self.config.sam.low_res_size
-            return torch.zeros((0, 1, low, low), dtype=torch.float32, device=self.device), iou
-        (masks,) = self.runners["mask_head"]({"image_tokens": image_tokens.float(), "hyper": hyper.float()},
-                                             self.stream)
-        return masks.float(), iou
+        masks = masks_of_kept(lambda t, h: self.runners["mask_head"]({"image_tokens": t, "hyper": h}, self.stream)[0],
+                              image_tokens, hyper, iou, keep_iou, self.config.sam.low_res_size)
+        return masks, iou
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "device": str(self.device), "engine_dir": str(self.folder),
