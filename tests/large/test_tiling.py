@@ -353,7 +353,7 @@ def test_lazy_sources_give_the_same_labels(session, tmp_path):
     (np.zeros((300, 300), complex), {}, "image"),
     (np.zeros((300, 300)), dict(batch_size=0), "batch_size"),
     (np.zeros((300, 300)), dict(tile_size=10), "tile_size"),
-    (np.zeros((3000, 300)), dict(boxes=[[0, 0, 400, 10]]), "boxes"),
+    (np.zeros((3000, 300)), dict(boxes=[[310, 0, 400, 10]]), "boxes"),  # entirely outside the 300-wide image
     (np.zeros((3000, 300, 2)), dict(channel_axis=7), "channel_axis"),
     ("not an image", {}, "image"),
 ])
