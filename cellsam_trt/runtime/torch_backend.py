@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ..modeling import CellSAMNetwork
 from ..modeling.attention import use_sdpa
 from ..modeling.network import DecoderGraph, MaskHeadGraph
-from .base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, kept_rows, release_cached_memory
+from .base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, masks_of_kept, release_cached_memory
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +211,9 @@ class TorchBackend(Backend):
                 else:
                     iou, image_tokens, hyper = self.decoder_graph(embedding, boxes)
                 iou = iou.float().clone()  # a captured graph's outputs are overwritten by its next replay
-                rows = kept_rows(iou, keep_iou)
-                if rows is not None:
-                    image_tokens, hyper = image_tokens[rows], hyper[rows]
-                masks = self.mask_head_graph(image_tokens, hyper)
-            return masks.float(), iou
+                masks = masks_of_kept(self.mask_head_graph, image_tokens, hyper, iou, keep_iou,
+                                      self.config.sam.low_res_size)
+            return masks, iou
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError, and cuBLAS/cuDNN allocation failures
             if not is_out_of_memory(err):
                 raise
