@@ -140,11 +140,23 @@ class Annotation:
     def add(self, box: Any) -> int:
         """Decode one box (x1, y1, x2, y2 in image pixels) and paint its mask on top.
 
+        Args:
+            box: four numbers (a list, tuple or (4,) / (1, 4) array); several boxes go to
+                ``add_many``.
+
         Returns:
             the cell's number, or 0 when its predicted IoU is below the session's threshold
             (as ``segment`` drops such masks).
         """
-        return self.add_many(np.asarray(box, np.float64).reshape(1, 4))[0]
+        try:
+            shape = np.shape(box)
+        except ValueError:  # ragged nested lists
+            shape = None
+        if shape not in ((4,), (1, 4)):
+            raise ValueError(f"box: expected one box [x1, y1, x2, y2], got "
+                             f"{'shape ' + str(shape) if shape is not None else repr(box)}; "
+                             "pass several boxes (N, 4) to add_many(boxes)")
+        return self.add_many(np.reshape(np.asarray(box), (1, 4)))[0]
 
     def add_many(self, boxes: Any, scores: Any = None) -> list[int]:
         """Decode (N, 4) boxes in batched calls and paint their masks on top, in order.

@@ -2,10 +2,13 @@
 temp file + rename)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import glob
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,13 +87,18 @@ def read_image(path: str | os.PathLike, lazy: bool | None = None) -> ImageFile:
     if not p.exists():
         raise FileNotFoundError(f"no such image: {p}")
     axes: str | None = None
+    if p.is_file() and p.stat().st_size == 0:
+        raise ValueError(f"cannot read image {p}: the file is empty (0 bytes)")
     try:
         if name.endswith((".tif", ".tiff")):
             import tifffile
 
             with tifffile.TiffFile(str(p)) as tif:
-                nbytes = tif.series[0].nbytes if tif.series else 0
-                axes = _tiff_axes(tif) if tif.series else None
+                if not tif.series or not tif.series[0].size:
+                    # a TIFF header without a readable image (tifffile would return shape (0,))
+                    raise ValueError("the file holds no image (truncated or damaged TIFF: no readable page)")
+                nbytes = tif.series[0].nbytes
+                axes = _tiff_axes(tif)
             if lazy or (lazy is None and nbytes > LAZY_TIFF_BYTES):
                 arr = _LazyTiff(str(p))
             else:
@@ -111,9 +119,10 @@ def read_image(path: str | os.PathLike, lazy: bool | None = None) -> ImageFile:
         else:
             raise ValueError(f"unknown image type (expected one of {', '.join(IMAGE_SUFFIXES)})")
     except ValueError as err:
-        raise ValueError(f"cannot read image {p}: {err}") from None
+        raise ValueError(f"cannot read image {p}: {_first_line(err)}{_damaged(name, err)}") from None
     except Exception as err:  # decoders raise many types for corrupt files
-        raise ValueError(f"cannot read image {p}: {type(err).__name__}: {err}") from None
+        raise ValueError(f"cannot read image {p}: {type(err).__name__}: {_first_line(err)}{_damaged(name, err)}"
+                         ) from None
     if axes is not None and len(axes) != len(arr.shape):
         log.warning("%s: axes %r do not match the array's shape %s; ignored", p, axes, tuple(arr.shape))
         axes = None
@@ -121,13 +130,33 @@ def read_image(path: str | os.PathLike, lazy: bool | None = None) -> ImageFile:
     return ImageFile(arr, axes, p)
 
 
+def _first_line(err: BaseException) -> str:
+    # some decoders' messages run over several lines (tifffile repeats the page listing)
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _damaged(name: str, err: BaseException) -> str:
+    """What a TIFF decoder's complaint about the bytes means for the user."""
+    text = str(err)
+    if name.endswith((".tif", ".tiff")) and ("failed to read" in text or "corrupted" in text or "invalid" in text):
+        return " (the TIFF file is truncated or damaged)"
+    return ""
+
+
 def _tiff_axes(tif: Any) -> str:
     """Axis letters of the first series, "?" where the file itself does not record the axis.
 
     OME and ImageJ files record their axes; tifffile's own "shaped" files only when they
     were written with ``metadata={"axes": ...}``. Without that, tifffile still names axes
-    from the TIFF structure (S for samples, Q / I for pages) which say how the writer laid
-    the pixels out, not what they are: only interleaved RGB samples count as channels.
+    from the TIFF structure (S for samples, Q / I for pages, Y and X for a page's rows and
+    columns), which say how the writer laid the pixels out, not what they are: a
+    (192, 192, 2) array is stored as 192 pages of 192 x 2 pixels, and a (3, 192, 192) one
+    as planar RGB because the writer defaults to RGB for 3 planes. Such axes are "?", so
+    that ``axes.resolve_layout`` reads them as it reads a plain array (the smallest axis
+    holds the channels, with a warning where that could be wrong). Only interleaved RGB
+    samples count as channels (an RGB camera image; no writer interleaves time points),
+    and where every unknown axis can only be Y or X (a plain 2-D page) it is named so.
     """
     import tifffile
 
@@ -135,18 +164,21 @@ def _tiff_axes(tif: Any) -> str:
     page = series.keyframe
     explicit = series.kind in ("ome", "imagej") or (
         series.kind == "shaped" and any("axes" in meta for meta in (tif.shaped_metadata or ())))
-    rgb = page.photometric == tifffile.PHOTOMETRIC.RGB and (
-        explicit or series.kind != "shaped" or page.planarconfig == tifffile.PLANARCONFIG.CONTIG)
+    interleaved_rgb = (page.photometric == tifffile.PHOTOMETRIC.RGB
+                       and page.planarconfig == tifffile.PLANARCONFIG.CONTIG)
     letters = []
     for letter in series.axes.upper():
-        if letter in "YX":
+        if explicit and letter in "TZCYX":
             letters.append(letter)
-        elif letter == "S":
-            letters.append("C" if explicit or rgb else UNKNOWN_AXIS)
-        elif letter in "TZC" and explicit:
-            letters.append(letter)
+        elif letter == "S" and (explicit or interleaved_rgb):
+            letters.append("C")
         else:
             letters.append(UNKNOWN_AXIS)
+    if letters.count(UNKNOWN_AXIS) == 2 and not {"Y", "X"} & set(letters):
+        # nothing else they could be: the plane, in order
+        first = letters.index(UNKNOWN_AXIS)
+        letters[first] = "Y"
+        letters[letters.index(UNKNOWN_AXIS)] = "X"
     return "".join(letters)
 
 
@@ -245,21 +277,78 @@ def _squeeze(arr: Any, axes: str | None = None) -> tuple[Any, str | None]:
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
+
+    Inside ``write_together()`` the rename waits for the end of the block, with the other
+    files of the set. An OSError of the write (a full disk, no permission) names ``path``
+    and the system's reason.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
+    pending = _OUTPUT_SET.get()
     try:
         # mkstemp makes the file private (0600); outputs get the permissions of any new file
         os.chmod(tmp, 0o666 & ~_UMASK)
-        write(tmp)
-        os.replace(tmp, path)
+        try:
+            write(tmp)
+        except OSError as err:
+            if not err.strerror:
+                raise
+            # the writers' own errors (tifffile's, the csv module's) name the temp file or nothing
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
+        if pending is None:
+            os.replace(tmp, path)
+        else:
+            pending.append((tmp, path))
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+_OUTPUT_SET: contextvars.ContextVar[list[tuple[str, Path]] | None] = contextvars.ContextVar("output_set", default=None)
+
+
+@contextlib.contextmanager
+def write_together() -> Iterator[None]:
+    """The files ``atomic_write`` writes inside the block are one set, all or nothing: each is
+    written to its temp file, and only when the block ends without an error are they renamed
+    into place, in the order they were written (write the file that marks a set as done
+    last). On an error every temp file of the set is removed, so no half set is left (files
+    of an earlier set at those paths stay as they were), and the error is raised.
+
+    >>> with write_together():                                   # doctest: +SKIP
+    ...     write_cells_csv(table_path, rows)
+    ...     write_labels_tiff(labels_path, labels)
+    """
+    if _OUTPUT_SET.get() is not None:  # nested: the outer set decides
+        yield
+        return
+    pending: list[tuple[str, Path]] = []
+    token = _OUTPUT_SET.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        _OUTPUT_SET.reset(token)
+    done: list[Path] = []
+    try:
+        for tmp, path in pending:
+            os.replace(tmp, path)
+            done.append(path)
+    except BaseException:
+        # a rename failed: take the set's renamed files back out, so that none of it is left
+        for path in done:
+            path.unlink(missing_ok=True)
+        for tmp, _ in pending[len(done):]:
+            Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_public(path: str | os.PathLike, data: bytes) -> Path:

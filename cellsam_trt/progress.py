@@ -2,6 +2,7 @@
 way to print a line without breaking an open bar."""
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, TextIO
 
@@ -19,3 +20,18 @@ def progress_bar(total: int | None, desc: str, unit: str, enabled: bool = True, 
 def write_line(message: str, file: TextIO | None = None) -> None:
     """Print ``message`` on a line of its own, above any progress bar that is open."""
     tqdm.write(message, file=file or sys.stderr)
+
+
+class LineHandler(logging.Handler):
+    """A logging handler that prints each record with ``write_line``: on a line of its own,
+    never glued to the end of an open progress bar."""
+
+    def __init__(self, file: TextIO | None = None) -> None:
+        super().__init__()
+        self.file = file
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            write_line(self.format(record), self.file)
+        except Exception:  # logging must not raise into the code that logs
+            self.handleError(record)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .axes import Layout, resolve_layout
+from .axes import AxesGuessWarning, Layout, resolve_layout
 from .engine.options import SegmentOptions
 from .progress import progress_bar
 
@@ -90,8 +90,11 @@ def segment_stack(session: Any, stack: Any, *, axes: str | None = None, return_d
 
     Args:
         session: a ``CellSAM``.
-        stack: array-like (numpy, zarr, memory map), or an ``io.ImageFile`` (its axes
-            are used when ``axes`` is None).
+        stack: array-like (numpy, zarr, memory map), or an ``io.ImageFile``: its axes are
+            used when ``axes`` is None, and an axis the file does not label is read as
+            ``segment`` reads a plain array (the smallest holds the channels), with an
+            ``axes.AxesGuessWarning`` where that could be wrong (3 planes could be 3 time
+            points: pass ``axes=`` to say).
         axes: one letter per dimension: T and/or Z (stack axes), optional C (at most 3
             channels), Y and X (Y before X), e.g. "TYX", "ZYX", "TCYX", "TZYXC".
         return_details: also return one details object per frame, in C order of the stack
@@ -109,13 +112,19 @@ def segment_stack(session: Any, stack: Any, *, axes: str | None = None, return_d
     from .engine.core import NoCellsWarning
     from .io import ImageFile
 
-    if isinstance(stack, ImageFile):
-        stack, axes = stack.array, axes if axes is not None else stack.axes
-    if axes is None:
+    file_axes, from_file = None, isinstance(stack, ImageFile)
+    if from_file:
+        # the file's letters, "?" where it does not label an axis (None: a format without
+        # axes, every axis unlabelled): resolved, and guessed, as the command line resolves
+        # them; ``axes`` replaces them all
+        stack, file_axes = stack.array, stack.axes
+    if axes is None and not from_file:
         raise ValueError("axes: say which axis is what, e.g. axes='TYX' (time, y, x) or 'ZCYX'")
     if not hasattr(stack, "shape") or not hasattr(stack, "__getitem__"):
         stack = np.asarray(stack)
-    layout = resolve_layout(tuple(stack.shape), axes=axes)
+    layout = resolve_layout(tuple(stack.shape), file_axes, axes=axes)
+    for message in layout.guessed:
+        warnings.warn(message, AxesGuessWarning, stacklevel=2)
     indices = frame_indices(layout)
     labels = np.zeros(layout.stack_shape + layout.plane_shape, np.int32)
     details: list = []

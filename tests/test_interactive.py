@@ -97,6 +97,24 @@ def test_saved_embeddings_are_reused_for_the_same_image_and_weights(session, ste
         ImageEmbedding.load(tmp_path / "bad.npz")
 
 
+def test_boxes_given_as_lists_are_taken_or_refused_by_name(session, embedded, cell_image):
+    """``add`` takes one box as a list; two boxes are refused naming ``box`` and pointing to
+    ``add_many``, which takes the (2, 4) list; malformed boxes name ``boxes``."""
+    annotation = Annotation(session, embedded)
+    two = boxes_on(cell_image, 2, seed=4).tolist()
+    with pytest.raises(ValueError, match=r"^box: expected one box .*shape \(2, 4\).*add_many"):
+        annotation.add(two)
+    with pytest.raises(ValueError, match="^box: expected one box"):
+        annotation.add([1, 2, 3])
+    assert annotation.cells == [] and annotation.decoder_calls == 0  # refused before any decoding
+    numbers = annotation.add_many(two)
+    assert len(numbers) == 2
+    single = Annotation(session, embedded)
+    assert single.add(two[0]) == (1 if numbers[0] else 0)
+    with pytest.raises(ValueError, match="^boxes: x2 < x1"):
+        annotation.add([50, 50, 10, 60])
+
+
 def test_boxes_added_one_at_a_time_give_the_labels_of_one_call(session, steered_tiny, cell_image):
     counting = counting_session(steered_tiny)
     embedded = counting.embed(cell_image, cellfinder=False)

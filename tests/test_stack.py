@@ -96,6 +96,27 @@ def test_frames_are_batched_and_placed_by_axes():
         segment_stack(fake, big)
 
 
+def test_segment_stack_of_a_plain_tiff_reads_it_as_its_array(session, frames, alone, tmp_path):
+    """``segment_stack(read_image(p))`` of files written without axes: the "?" letters are
+    resolved as for the array (smallest axis = channels), the guess is a warning naming the
+    keyword, with the labels of ``segment`` of the array."""
+    from cellsam_trt.axes import AxesGuessWarning
+    from cellsam_trt.io import read_image
+
+    tifffile.imwrite(tmp_path / "yxc.tif", frames[0])  # (128, 128, 2): tifffile records "QYX"
+    with pytest.warns(AxesGuessWarning, match="read as 2 channels"):
+        labels = quiet(segment_stack, session, read_image(tmp_path / "yxc.tif"))
+    np.testing.assert_array_equal(labels, alone["both0"])
+
+    planes = np.stack([frames[0][..., 1], frames[1][..., 1], frames[0][..., 1]])
+    with warnings.catch_warnings():  # tifffile's notice that it stores 3 planes as planar RGB by default
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tifffile.imwrite(tmp_path / "three.tif", planes, metadata=None)
+    with pytest.warns(AxesGuessWarning, match=r"axis 0 \(length 3\).*axes='TYX'"):
+        labels = quiet(segment_stack, session, read_image(tmp_path / "three.tif"))
+    np.testing.assert_array_equal(labels, quiet(session.segment, planes, channel_axis=0))
+
+
 @pytest.mark.slow
 def test_cli_reads_axes_from_files_and_writes_label_stacks(checkpoint, frames, alone, tmp_path, capsys):
     planes = np.stack([f[..., 1] for f in frames])  # (2, Y, X)

@@ -6,9 +6,13 @@ parser and sets ``func``; the library code a command runs is imported when it ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
 
+from ..progress import LineHandler, write_line
 from . import bench, build_engines, cache, demo, export, napari, segment
 
 COMMANDS = (demo, segment, export, build_engines, bench, cache, napari)
@@ -34,15 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def warnings_as_lines(command: str) -> Iterator[None]:
+    """Python warnings printed as ``cellsam-trt COMMAND: warning: ...`` lines above any open
+    progress bar (``progress.write_line``), not glued to the bar's line; restored after."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        write_line(f"cellsam-trt {command}: warning: {message}", file)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # log records on lines of their own, above any progress bar
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[LineHandler()],
+                        format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings_as_lines(args.command):
+            return int(args.func(args) or 0)
     except (ValueError, OSError, RuntimeError) as err:
         # User-facing errors (bad input, missing files, unavailable backends): one line, no traceback.
         if args.verbose:

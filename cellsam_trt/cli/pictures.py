@@ -25,10 +25,12 @@ def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
+    """(H, W, 3) uint8 RGB -> PNG file, atomically (``io.atomic_write``)."""
     import cv2
 
-    def write(tmp):
-        if not cv2.imwrite(tmp, np.ascontiguousarray(rgb[..., ::-1])):
-            raise OSError(f"could not write PNG {path}")
-
-    return atomic_write(path, write)
+    # encoded in memory and written by Python: cv2.imwrite says only "False" when the disk
+    # is full, where a file write raises the system's error (no space left on device)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise ValueError(f"cannot encode the overlay {path} as PNG (shape {rgb.shape}, dtype {rgb.dtype})")
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(encoded.tobytes()))

@@ -89,14 +89,18 @@ class ImageEmbedding:
                 been computed with (``ValueError`` otherwise: recompute it).
         """
         try:
-            with np.load(path, allow_pickle=False) as z:
+            # our own handle: numpy leaves its file open when the archive is damaged
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
                 meta = json.loads(z["meta"].tobytes().decode())
                 embedding = torch.from_numpy(z["embedding"].copy())
                 finder = None
                 if "finder_logits" in z:
                     finder = (torch.from_numpy(z["finder_logits"].copy()), torch.from_numpy(z["finder_boxes"].copy()))
-        except (OSError, KeyError, ValueError) as err:
-            raise ValueError(f"embedding file {path}: not a saved cellsam-trt embedding ({err})") from None
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # a damaged .npz fails inside zipfile, zlib or json, each in its own way
+            raise ValueError(f"embedding file {path}: damaged, or not a saved cellsam-trt embedding "
+                             f"({type(err).__name__}: {err}); recompute it with CellSAM.embed") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"embedding file {path}: format {meta.get('format')}, this version reads {FORMAT}; "
                              "recompute it with CellSAM.embed")

@@ -41,8 +41,11 @@ def tile_batches(tiles: Sequence[int], batch_size: int) -> list[list[int]]:
 def assign_boxes(grid: TileGrid, boxes: np.ndarray) -> dict[int, np.ndarray]:
     """User boxes (N, 4) x1, y1, x2, y2 in image pixels -> {tile index: boxes in tile pixels}.
 
-    Each box goes to the tile whose core holds its centre and is clipped to that tile's
-    window (a box larger than the overlap allows is cut; a warning says how many).
+    Each box goes to the tile whose core holds its centre (a centre beyond the image's edge
+    counts as on the edge) and is clipped to that tile's window where the window meets
+    another tile (a box larger than the overlap allows is cut; a warning says how many).
+    Where the window's side is the image's edge the box is left as given, reaching past the
+    edge as the whole-image path passes it to the prompt encoder (CellFinder's own boxes do).
     """
     if len(boxes) == 0:
         return {}
@@ -52,8 +55,10 @@ def assign_boxes(grid: TileGrid, boxes: np.ndarray) -> dict[int, np.ndarray]:
     for index in np.unique(owner):
         t = grid.tile(int(index))
         local = boxes[owner == index] - np.array([t.x0, t.y0, t.x0, t.y0], dtype=np.float32)
-        limit = np.array([t.x1 - t.x0, t.y1 - t.y0] * 2, dtype=np.float32)
-        inside = np.clip(local, 0, limit)
+        low_x, low_y = (0 if t.x0 > 0 else -np.inf), (0 if t.y0 > 0 else -np.inf)
+        high_x = t.x1 - t.x0 if t.x1 < grid.width else np.inf
+        high_y = t.y1 - t.y0 if t.y1 < grid.height else np.inf
+        inside = np.clip(local, np.array([low_x, low_y] * 2), np.array([high_x, high_y] * 2)).astype(np.float32)
         clipped += int((inside != local).any(axis=1).sum())
         out[int(index)] = inside
     if clipped:

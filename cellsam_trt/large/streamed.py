@@ -174,9 +174,10 @@ def segment_streamed(
             a zarr array, or a dask array (stored to the scratch space first).
         client: a ``distributed.Client`` (``dask.segment_dask``) or a
             ``workers.InProcessClient`` (``tiling.segment_large`` with bounded memory).
-        output: zarr group to create: ``labels`` (H, W) int32 (uint32 above 65535 cells),
-            chunked ``block`` x ``block``; ``cells/boxes|scores|iou|tile`` per label (row k is
-            label k + 1); attributes with the settings and counts.
+        output: zarr group to create (a group, so ``zarr.open(output)`` is the group, not
+            the labels: ``zarr.open(f"{output}/labels")``): ``labels`` (H, W) int32 (uint32
+            above 65535 cells), chunked ``block`` x ``block``; ``cells/boxes|scores|iou|tile``
+            per label (row k is label k + 1); attributes with the settings and counts.
         checkpoint, backend, device, backend_options, torch_threads: what each worker loads
             (once; see ``CellSAMWorkerPlugin``).
         inference: the workers' thresholds (``InferenceConfig``).

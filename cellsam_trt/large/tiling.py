@@ -76,7 +76,11 @@ def segment_large(session: Any, image: Any, *, boxes: Any = None, return_details
         return_details: also return ``TiledDetails``.
         output: a zarr group to write the labels to (``dask.segment_dask``'s layout), tile by
             tile: memory stays bounded by a few tiles plus the model whatever the image size,
-            and the zarr ``labels`` array is returned instead of a numpy array.
+            and the zarr ``labels`` array is returned instead of a numpy array. The store is
+            a group, not the label array: read the labels later with
+            ``zarr.open_group(output)["labels"]`` (or ``zarr.open(f"{output}/labels")``);
+            beside them ``cells/boxes|scores|iou|tile`` (row k for label k + 1) and the run's
+            settings and counts in the group's attributes.
         stream: run through scratch zarr stores on disk (``memory.tiled_host_bytes``) even
             without ``output``; None (default): when the in-memory run would need more than
             ``memory.STREAM_ABOVE_BYTES``. The labels are the same either way.

@@ -17,6 +17,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -70,15 +71,22 @@ def locate_checkpoint(path: str | os.PathLike | None = None, *, download: bool =
     return find_checkpoint(path)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read a checkpoint as a flat ``{key: tensor}`` dict, safely.
 
+    Args:
+        mmap: map the tensors from the file instead of reading them (torch's zip format;
+            for checking a file's layout without holding its weights in memory).
+
     Raises:
-        CheckpointError: unreadable file, a pickle that would run code, or no tensor dict.
+        CheckpointError: empty, truncated or unreadable file, not a torch checkpoint, a
+            pickle that would run code, or no tensor dict; the message says which.
     """
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path}: the file is empty (0 bytes); copy or download it again")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         detail = _unpickler_reason(str(err))
         if "GLOBAL" in detail:
@@ -86,9 +94,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"checkpoint {path}: refused to load; unpickling it would run code ({detail}). "
                 "Only plain weight files (dicts of tensors) are accepted."
             ) from None
-        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch weights file ({detail})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch checkpoint ({err})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch checkpoint: {_unreadable(path, detail)}"
+                              ) from None
+    except Exception as err:  # torch's unpickler fails in many ways on bytes that are not a checkpoint
+        raise CheckpointError(f"checkpoint {path}: cannot be read as a torch checkpoint: {_unreadable(path, err)}"
+                              ) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and not any(str(k).startswith("model.") for k in obj):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -97,6 +107,30 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"checkpoint {path}: entries that are not named tensors: {bad[:10]}")
     return dict(obj)
+
+
+def _unreadable(path: Path, err: Exception | str) -> str:
+    """Why torch could not read ``path``, from the file's first bytes: torch.save writes a zip
+    archive (older versions a pickle, whose first byte is 0x80)."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    size = path.stat().st_size
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return (f"the file is truncated or damaged ({size} bytes of a zip archive, as torch.save writes, "
+                    "without its end); copy or download it again")
+        return f"a damaged archive ({_describe(err)})"
+    if head[:1] == b"\x80":
+        return (f"a pickle that torch cannot read as weights ({_describe(err)}): truncated or damaged, or not a "
+                "torch checkpoint; copy or download it again")
+    return (f"it starts with {head!r}, not with the zip archive that torch.save writes; pass the .pt "
+            "weights file of CellSAM")
+
+
+def _describe(err: Exception | str) -> str:
+    lines = str(err).strip().splitlines()
+    first = lines[0] if lines else ""
+    return first if isinstance(err, str) else f"{type(err).__name__}: {first}"
 
 
 def _unpickler_reason(message: str) -> str:
@@ -109,23 +143,32 @@ def _unpickler_reason(message: str) -> str:
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
-    """The built-in config whose layout matches the weights (released ViT-B or tiny)."""
-    for config in (ModelConfig.cellsam(), ModelConfig.tiny()):
-        if not layout_problems(state_dict, config):
-            return config
-    return ModelConfig.cellsam()
+    """The built-in config whose layout the weights match (released ViT-B or tiny), else the
+    one they come closest to (fewest missing, unexpected and mis-shaped keys), so that a
+    damaged file is reported against the layout its own keys imply."""
+    configs = (ModelConfig.cellsam(), ModelConfig.tiny())
+    mismatches = [sum(len(keys) for keys in _mismatch(state_dict, config)) for config in configs]
+    return configs[mismatches.index(min(mismatches))]
+
+
+def _mismatch(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, mis-shaped) keys of ``state_dict`` against ``config``'s layout."""
+    expected = {k: tuple(v.shape) for k, v in _empty_network(config).state_dict().items()}
+    given = dict(state_dict)
+    if not any(k.startswith("model_cp.") for k in given):
+        expected = {k: s for k, s in expected.items() if not k.startswith("model_cp.")}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(given) if tuple(given[k].shape) != expected[k])
+    return missing, unexpected, shapes
 
 
 def layout_problems(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> list[str]:
     """Human-readable list of missing, unexpected and mis-shaped keys against ``config``."""
     expected = {k: tuple(v.shape) for k, v in _empty_network(config).state_dict().items()}
     given = dict(state_dict)
-    if not any(k.startswith("model_cp.") for k in given):
-        expected = {k: s for k, s in expected.items() if not k.startswith("model_cp.")}
+    missing, unexpected, shapes = _mismatch(state_dict, config)
     problems = []
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    shapes = sorted(k for k in set(expected) & set(given) if tuple(given[k].shape) != expected[k])
     if missing:
         problems.append(f"{len(missing)} missing: " + ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else ""))
     if unexpected:
@@ -140,6 +183,26 @@ def layout_problems(state_dict: Mapping[str, torch.Tensor], config: ModelConfig)
     return problems
 
 
+def check_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None) -> ModelConfig:
+    """Check that ``path`` is a readable checkpoint in the CellSAM layout without loading it
+    into a network (tensors memory-mapped where the format allows); returns its config.
+
+    Raises:
+        CheckpointError: as ``load_checkpoint``.
+    """
+    path = Path(path)
+    state_dict = read_state_dict(path, mmap=True)
+    config = config or infer_config(state_dict)
+    _raise_layout_problems(path, state_dict, config)
+    return config
+
+
+def _raise_layout_problems(path: Path, state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> None:
+    problems = layout_problems(state_dict, config)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the CellSAM layout ({config.name}):\n  " + "\n  ".join(problems)
+        )
 
 
 def _empty_network(config: ModelConfig) -> CellSAMNetwork:
@@ -165,11 +228,7 @@ def load_checkpoint(
     path = locate_checkpoint(path, download=download)
     state_dict = read_state_dict(path)
     config = config or infer_config(state_dict)
-    problems = layout_problems(state_dict, config)
-    if problems:
-        raise CheckpointError(
-            f"checkpoint {path} does not match the CellSAM layout ({config.name}):\n  " + "\n  ".join(problems)
-        )
+    _raise_layout_problems(path, state_dict, config)
     has_model_cp = any(k.startswith("model_cp.") for k in state_dict)
     if not has_model_cp:
         # The released loader then copies model.* into model_cp and runs the plain path.

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,8 +255,17 @@ class ArtifactCache:
         argv = [sys.executable, "-m", "cellsam_trt.cli", "export", "--checkpoint", str(request.checkpoint)]
         if config:
             argv += ["--config", config]
+
+        def check_weights() -> None:
+            # a file that is no checkpoint (or not in the CellSAM layout) fails here, in a second
+            # and with one CheckpointError, not after starting an export process that fails
+            from ..modeling.checkpoint import check_checkpoint
+            from ..modeling.config import ModelConfig
+
+            check_checkpoint(request.checkpoint, ModelConfig.named(config) if config else None)
+
         return self._entry("onnx", material, lambda out: [*argv, "--out", str(out)],
-                           f"ONNX export of {request.checkpoint.name}", self._check_graphs)
+                           f"ONNX export of {request.checkpoint.name}", self._check_graphs, before_making=check_weights)
 
     def engine_dir(self, checkpoint: str | os.PathLike, request: EngineRequest, *, config: str | None = None) -> Path:
         """The engine folder for ``checkpoint`` on ``request.gpu``, built into the cache if missing
@@ -292,7 +301,8 @@ class ArtifactCache:
         if meta.get("checkpoint", {}).get("sha256") != material["checkpoint_sha256"]:
             raise BackendError("its engines.json names another checkpoint")
 
-    def _entry(self, kind: str, material: dict[str, Any], argv_for, what: str, check) -> Path:
+    def _entry(self, kind: str, material: dict[str, Any], argv_for, what: str, check,
+               before_making: Callable[[], None] | None = None) -> Path:
         from filelock import FileLock, Timeout
 
         key = _key(material)
@@ -329,6 +339,8 @@ class ArtifactCache:
                     f"`cellsam-trt {'export' if kind == 'onnx' else 'build-engines'}` without --out "
                     f"(with {CACHE_ENV} pointing at this cache), or pass onnx_dir= / engine_dir="
                 )
+            if before_making is not None:
+                before_making()
             return self._make(kind, key, folder, material, argv_for, what, check)
         finally:
             lock.release()

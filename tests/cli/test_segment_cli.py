@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,7 +15,7 @@ import tifffile
 
 from cellsam_trt import CellSAM, NoCellsWarning
 from cellsam_trt.cli.main import main
-from cellsam_trt.cli.segment import expand_inputs, output_stem, unique_stems
+from cellsam_trt.cli.segment import Input, expand_inputs, output_name, output_names, output_stem
 from cellsam_trt.dev.synthetic import synthetic_slide
 from cellsam_trt.large.tiling import segment_large
 
@@ -205,7 +206,48 @@ def test_input_expansion_and_output_names(tmp_path):
     paths, problems = expand_inputs([str(tmp_path / "**" / "*.tif"), str(tmp_path / "d1" / "img.tif")])
     assert len(paths) == 2 and not problems  # the glob and the file name the same image once
     assert output_stem(tmp_path / "y.ome.tiff") == "y" and output_stem(tmp_path / "s.zarr") == "s"
-    assert unique_stems([tmp_path / "d1" / "img.tif", tmp_path / "d2" / "img.tif"]) == ["d1__img", "d2__img"]
+    assert output_name(Input(tmp_path / "d2" / "deep" / "x.png", Path("deep/x.png"))) == "deep/x"
+    with pytest.raises(ValueError, match="d1/img.tif and .*d2/img.tif would both write img_labels.tif"):
+        output_names([Input(tmp_path / "d1" / "img.tif", Path("img.tif")),
+                      Input(tmp_path / "d2" / "img.tif", Path("img.tif"))])
+
+
+def test_output_names_depend_on_each_input_alone(checkpoint, plane, tmp_path, capsys, monkeypatch):
+    """A folder searched with --recursive keeps its sub-folders under -o; --resume finds the
+    outputs whatever else the run holds; inputs that would share outputs are refused first."""
+    import cellsam_trt.api
+
+    data = tmp_path / "plate"
+    for well in ("A1", "A2"):
+        (data / well).mkdir(parents=True)
+        tifffile.imwrite(data / well / "img.tif", plane)
+    out = tmp_path / "out"
+    assert run_cli(data, "--recursive", "-o", out, "--checkpoint", checkpoint) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tif")) == ["A1/img_labels.tif",
+                                                                                 "A2/img_labels.tif"]
+    assert f"{data / 'A1' / 'img.tif'} -> A1/img_labels.tif" in printed
+
+    (data / "A2" / "img.tif").unlink()  # another set of inputs: the remaining one is still done
+    assert run_cli(data, "--recursive", "-o", out, "--checkpoint", checkpoint, "--resume") == 0
+    assert "skipped 1 already done" in capsys.readouterr().out
+
+    # one stem, two images in one folder: each keeps its suffix, whatever the run holds
+    np.save(data / "A1" / "img.npy", plane)
+    assert run_cli(data / "A1" / "img.npy", "-o", tmp_path / "pair", "--checkpoint", checkpoint) == 0
+    assert run_cli(data / "A1", "-o", tmp_path / "pair", "--checkpoint", checkpoint, "--resume") == 0
+    assert "skipped 1 already done" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "pair").iterdir()) == ["img.npy_labels.tif", "img.tif_labels.tif"]
+
+    # two files of two folders given one by one, for one set of outputs: refused before the model is loaded
+    (data / "A1" / "img.npy").unlink()
+    (data / "A2" / "img.tif").write_bytes((data / "A1" / "img.tif").read_bytes())
+    monkeypatch.setattr(cellsam_trt.api.CellSAM, "from_checkpoint",
+                        classmethod(lambda cls, *a, **k: pytest.fail("loaded the model before checking the names")))
+    assert run_cli(data / "A1" / "img.tif", data / "A2" / "img.tif", "-o", tmp_path / "other",
+                   "--checkpoint", checkpoint) == 1
+    assert "would both write img_labels.tif" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.slow
@@ -305,3 +347,69 @@ def test_an_output_that_cannot_be_written_fails_before_any_image(checkpoint, pla
     assert "is a file, not a folder" in capsys.readouterr().err
     assert run_cli(tmp_path / "p.npy", "-o", tmp_path / "taken" / "out", "--checkpoint", checkpoint) == 1
     assert "cannot make the output folder" in capsys.readouterr().err
+
+
+def test_plain_tiffs_are_read_as_their_arrays(checkpoint, session, plane, tmp_path, capsys):
+    """``tifffile.imwrite(p, image)`` without axes metadata: a (H, W, 2) image is two channels
+    (``--channel-axis 2`` is taken), and three planes stored as planar RGB by the writer's
+    default are read as channels with a warning naming the flags, on a line of its own."""
+    two = np.stack([plane, 255 - plane], axis=-1)
+    tifffile.imwrite(tmp_path / "two.tif", two)
+    expected = quiet_segment(session, two, channel_axis=2)
+    assert run_cli(tmp_path / "two.tif", "-o", tmp_path / "a", "--checkpoint", checkpoint, "--channel-axis", "2") == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "a" / "two_labels.tif"), expected)
+    assert run_cli(tmp_path / "two.tif", "-o", tmp_path / "b", "--checkpoint", checkpoint) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "b" / "two_labels.tif"), expected)
+    capsys.readouterr()
+
+    three = np.stack([plane, 255 - plane, plane])
+    with warnings.catch_warnings():  # tifffile's own notice about its planar RGB default
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tifffile.imwrite(tmp_path / "three.tif", three, metadata=None)
+    assert run_cli(tmp_path / "three.tif", "-o", tmp_path / "c", "--checkpoint", checkpoint) == 0
+    lines = capsys.readouterr().err.splitlines()
+    (warning,) = [line for line in lines if "read as 3 channels" in line]
+    assert warning.startswith("cellsam-trt segment: ") and "--axes TYX" in warning and "--stack-axis 0" in warning
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "c" / "three_labels.tif"),
+                                  quiet_segment(session, three, channel_axis=0))
+
+
+def test_a_full_disk_leaves_no_half_set_and_names_the_cause(checkpoint, plane, tmp_path, capsys, monkeypatch):
+    """The disk fills while an image's labels are written: its table and overlay (written
+    first) are not left behind, the error says "No space left on device", and --resume
+    finishes the image."""
+    import errno
+
+    np.save(tmp_path / "a.npy", plane)
+    np.save(tmp_path / "b.npy", np.roll(plane, 40, axis=1))
+    out = tmp_path / "out"
+    write = tifffile.imwrite
+
+    def full_disk_for_b(path, *args, **kwargs):
+        if "b_labels" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile, "imwrite", full_disk_for_b)
+    flags = ("--checkpoint", checkpoint, "--csv", "--overlay")
+    assert run_cli(tmp_path / "a.npy", tmp_path / "b.npy", "-o", out, *flags) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write {out / 'b_labels.tif'}: No space left on device" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a_cells.csv", "a_labels.tif", "a_overlay.png"]
+
+    monkeypatch.setattr(tifffile, "imwrite", write)
+    assert run_cli(tmp_path / "a.npy", tmp_path / "b.npy", "-o", out, *flags, "--resume") == 0
+    assert "segmented 1 of 2 images" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}_{kind}" for n in "ab"
+                                                           for kind in ("cells.csv", "labels.tif", "overlay.png"))
+
+
+def test_a_tiled_image_shows_its_tiles_progress(checkpoint, plane, tmp_path, capsys):
+    np.save(tmp_path / "wide.npy", np.concatenate([plane, plane[:, :64]], axis=1))  # (256, 320): two tiles
+    args = ["segment", str(tmp_path / "wide.npy"), "-o", str(tmp_path / "out"), "--checkpoint", checkpoint,
+            "--device", "cpu", "--tile-size", "256", "--overlap", "64"]
+    assert main(args) == 0
+    bars = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("tiles:") and "2/2" in line for line in bars), bars
+    assert main(args + ["--no-progress"]) == 0
+    assert "tiles:" not in capsys.readouterr().err

@@ -8,6 +8,7 @@ from segment_anything import sam_model_registry
 from cellsam_trt.modeling import CellSAMNetwork
 from cellsam_trt.modeling.checkpoint import (
     CheckpointError,
+    check_checkpoint,
     infer_config,
     load_checkpoint,
     random_network,
@@ -166,14 +167,39 @@ def test_layout_errors_list_every_problem(tmp_path):
     assert "cellfinder.decode_head.transformer.position.weight (7, 2) != (200, 2)" in text
 
 
-def test_infer_config_falls_back_to_full_and_reports(tmp_path):
+def test_a_damaged_layout_is_reported_against_the_layout_its_keys_imply(tmp_path):
+    """A tiny checkpoint with one key removed names that key, not hundreds against ViT-B."""
     sd = random_network(ModelConfig.tiny(), seed=1).state_dict()
     assert infer_config(sd) == ModelConfig.tiny()
     sd.pop("cellfinder.decode_head.transformer.pattern.weight")
-    assert infer_config(sd) == ModelConfig.cellsam()
+    assert infer_config(sd) == ModelConfig.tiny()
     torch.save(sd, tmp_path / "odd.pt")
-    with pytest.raises(CheckpointError, match="does not match the CellSAM layout"):
-        load_checkpoint(tmp_path / "odd.pt")
+    for read in (load_checkpoint, check_checkpoint):
+        with pytest.raises(CheckpointError) as err:
+            read(tmp_path / "odd.pt")
+        assert str(err.value).splitlines()[1:] == ["  1 missing: cellfinder.decode_head.transformer.pattern.weight"]
+        assert "(tiny)" in str(err.value)
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
+    """A text file, an empty file and a truncated download: one CheckpointError each, naming
+    the file and the problem (not torch's unpickler errors)."""
+    (tmp_path / "notes.pt").write_text("these are my notes, not weights\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    write_random_checkpoint(tmp_path / "whole.pt", ModelConfig.tiny())
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "half.pt").write_bytes(data[:len(data) // 2])
+    torch.save(torch.load(tmp_path / "whole.pt"), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    data = (tmp_path / "legacy.pt").read_bytes()
+    (tmp_path / "legacy-half.pt").write_bytes(data[:len(data) // 2])
+    for name, match in [("notes.pt", "starts with b'these are my not', not with the zip archive"),
+                        ("empty.pt", r"empty \(0 bytes\)"), ("half.pt", "truncated or damaged"),
+                        ("legacy-half.pt", "truncated or damaged")]:
+        for read in (load_checkpoint, check_checkpoint):
+            with pytest.raises(CheckpointError, match=match) as err:
+                read(tmp_path / name)
+            assert str(err.value).startswith(f"checkpoint {tmp_path / name}: ")
+    assert check_checkpoint(tmp_path / "legacy.pt") == ModelConfig.tiny()  # the old format still loads
 
 
 class _RunsCode:

@@ -217,6 +217,26 @@ def test_auto_falls_back_to_torch_with_a_logged_reason(checkpoint, tmp_path, mon
         create_backend("onnxruntime", checkpoint=checkpoint, device="cpu", cache=tmp_path / "cache")
 
 
+@pytest.mark.parametrize("name, content, match", [
+    ("notes.pt", b"not weights at all\n", "not with the zip archive"),
+    ("empty.pt", b"", "empty"),
+    ("half.pt", None, "truncated"),
+])
+def test_auto_with_a_bad_checkpoint_fails_before_starting_an_export(checkpoint, tmp_path, monkeypatch, name, content,
+                                                                    match):
+    """backend="auto" checks the weights in this process first: one CheckpointError, no export child."""
+    from cellsam_trt.modeling.checkpoint import CheckpointError
+
+    def child(self, command, what):
+        pytest.fail(f"started {what} for a file that is no checkpoint")
+
+    monkeypatch.setattr(ArtifactCache, "_run_child", child)
+    data = Path(checkpoint).read_bytes()
+    (tmp_path / name).write_bytes(data[:len(data) // 2] if content is None else content)
+    with pytest.raises(CheckpointError, match=match):
+        create_backend("auto", checkpoint=tmp_path / name, device="cpu", cache=tmp_path / "cache")
+
+
 def test_auto_on_the_cpu_takes_onnxruntime_from_the_cache(filled, checkpoint, tmp_path, monkeypatch):
     root = copy_cache(filled, tmp_path)
     monkeypatch.setattr(ArtifactCache, "_run_child", no_export)
