@@ -10,6 +10,7 @@
 # so a slow step cannot take the rest down; the budget is the sum of the limits):
 #     bash bench/gpu_session.sh tests torch bench       # CUDA tests, torch switches, latency
 #     bash bench/gpu_session.sh decoder                 # the decoder alone (another command)
+#     bash bench/gpu_session.sh preprocess stages       # device preprocessing, one call's stages
 # On a CPU, to check this script itself in about two minutes (it simulates an
 # out-of-memory row in the decoder step and in the bench, which must be reported):
 #     OUT=/tmp/gpu-session SMOKE=1 bash bench/gpu_session.sh tests decoder bench
@@ -17,7 +18,7 @@
 # Everything lands in $OUT: machine.txt, summary.txt (one line per step and per failed
 # row), tests.log, torch.log with torch-switches.json|md, profile-fp32|fp16.md with their
 # traces (.json), decoder.jsonl, decoder.log,
-# interactive.json|md, stack.json, bench.log and the bench report (results/<device>/<date>.json|md|png, two folders down).
+# interactive.json|md, stack.json, preprocess.json|log, stages.json, bench.log and the bench report (results/<device>/<date>.json|md|png, two folders down).
 #
 # Exit status: 0 when every step ran to its end, rows that ran out of memory or whose
 # backend is missing (TensorRT, onnxruntime-gpu) included: they are listed in summary.txt
@@ -69,6 +70,7 @@ if [ -n "$SMOKE" ]; then
     STACK_ARGS="--frames 2 --side 128 --rounds 1 --batch-size 2"
     INTERACTIVE_ARGS="--device cpu --on-screen 0,10 --repeats 2"
     STAGES_ARGS="--config tiny --device cpu --size 256"
+    PREPROCESS_ARGS="--device cpu --sizes 256 --repeats 2 --labels --config tiny"
     # one row of each kind runs out of memory, as SAM's decoder call at N = 3500 does on an
     # 80 GB GPU: the steps must report it and go on
     export CELLSAM_TRT_BENCH_SIMULATE_OOM=${CELLSAM_TRT_BENCH_SIMULATE_OOM-decoder/sam_repeat/16,torch-fp32/user/10}
@@ -98,6 +100,9 @@ else
     STACK_ARGS="--device cuda --config cellsam-vit-b --backend torch --frames 16 --side 512 --batch-size 8"
     # 1000 user boxes on a 1024 x 1024 image, the call's stages (fused decoder: the default on CUDA)
     STAGES_ARGS="--config cellsam-vit-b --device cuda --size 1024 --user-boxes 1000"
+    # host preprocessing against its torch port on the GPU (and cuCIM's CLAHE where its wheel
+    # travelled), three sizes, then the labels of whole ViT-B calls with each
+    PREPROCESS_ARGS="--device cuda --sizes 512,1024,2048 --repeats 10 --labels --config cellsam-vit-b"
     # embed once, prompt many times: ViT-B steered on the released tissue crop (or a synthetic
     # image without .released/), 5 boxes per prompt, adds with up to 1000 cells on screen
     INTERACTIVE_ARGS="--device cuda --config cellsam-vit-b --on-screen 0,10,100,1000 --repeats 5
@@ -188,10 +193,13 @@ EOF
             run_step stages "${LIMIT_STAGES:-120}" "$OUT/stages.log" $PY bench/bench_stages.py $STAGES_ARGS \
                 --out "$OUT/stages.json"
             sed -n '/^| stage/,$p' "$OUT/stages.log" >> "$OUT/summary.txt" ;;
+        preprocess)  # the host preprocessing against the device path: times, agreement, labels (bench_preprocess.py)
+            run_step preprocess "${LIMIT_PREPROCESS:-150}" "$OUT/preprocess.log" $PY bench/bench_preprocess.py \
+                $PREPROCESS_ARGS --out "$OUT/preprocess.json" ;;
         stack)  # frames per second: segment_stack against a loop of segment (bench_stack.py)
             run_step stack "${LIMIT_STACK:-150}" "$OUT/stack.log" $PY bench/bench_stack.py $STACK_ARGS --out "$OUT/stack.json" ;;
         *)
-            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | profile | suite | decoder | bench | interactive | stages | stack)" >&2; exit 2 ;;
+            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | profile | suite | decoder | bench | interactive | stages | preprocess | stack)" >&2; exit 2 ;;
     esac
 done
 echo "--- summary ($OUT/summary.txt)"

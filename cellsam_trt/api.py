@@ -46,16 +46,22 @@ class CellSAM(Session):
         Args:
             image: (H, W) or (H, W, C<=3) / (C, H, W), any real dtype. Channels fill the last
                 slots of (blank, nuclear, whole-cell); a 2-D image is the whole-cell channel.
-                Or an ``ImageEmbedding`` from ``embed``: no preprocessing and no encoder call
-                (the options of those steps are the embedding's), the same labels.
+                Or an ``io.ImageFile`` from ``read_image`` (array + the axes its file
+                records: the channel axis comes from them; a file with T or Z axes goes to
+                ``segment_stack``). Or an ``ImageEmbedding`` from ``embed``: no
+                preprocessing and no encoder call (the options of those steps are the
+                embedding's), the same labels.
             boxes: optional (N, 4) x1, y1, x2, y2 in image pixels; skips CellFinder.
             return_details: also return a ``SegmentationDetails``.
             options, **settings: the call's ``SegmentOptions`` (keywords replace its fields):
                 bbox_threshold: CellFinder confidence weight (default 0.4).
-                normalize: percentile clip + CLAHE first: True (scikit-image CLAHE, as the
-                    released default) or "opencv" (OpenCV's CLAHE: 2-3x faster on that step,
-                    not bit-identical; ``cellsam-trt bench`` reports the deviation). With
-                    False, the image must already lie in [0, 1].
+                normalize: percentile clip + CLAHE first: True (the released algorithm;
+                    on CUDA run on the GPU by its torch port once the session's start-up
+                    check passes), "skimage" (on the host, bit-identical to the released
+                    code), "torch" (the port, on the model's device) or "opencv" (OpenCV's
+                    CLAHE: 2-3x faster on that step, not bit-identical; ``cellsam-trt
+                    bench`` reports the deviation). With False, the image must already lie
+                    in [0, 1].
                 postprocess: the released optional morphological clean-up.
                 remove_boundaries: zero a one-pixel outline around each cell.
                 chunk_size: boxes per decoder call (default: the backend's, 256; 4 for torch
@@ -80,6 +86,7 @@ class CellSAM(Session):
         from .engine.embedding import ImageEmbedding
 
         opts = SegmentOptions.of(options, **settings)
+        image, opts = _file_image(image, opts)
         if not isinstance(image, ImageEmbedding):
             shape = spatial_shape(image, opts.channel_axis)
             if opts.tile_size is not None and shape is not None and max(shape) > opts.tile_size:
@@ -96,6 +103,32 @@ class CellSAM(Session):
         from .stack import segment_stack
 
         return segment_stack(self, stack, axes=axes, return_details=return_details, options=options, **settings)
+
+
+def _file_image(image: Any, opts: SegmentOptions) -> tuple[Any, SegmentOptions]:
+    """An ``io.ImageFile`` -> (its array, options with the channel axis its axes name); other
+    input unchanged. An axis the file does not label is read as for a plain array (the
+    smallest holds the channels), with an ``AxesGuessWarning`` where that could be wrong."""
+    import warnings
+    from dataclasses import replace
+
+    from .axes import AxesGuessWarning, resolve_layout
+    from .io import ImageFile
+
+    if not isinstance(image, ImageFile):
+        return image, opts
+    channel_axis = opts.channel_axis if len(image.shape) > 2 else None
+    layout = resolve_layout(image.shape, image.axes, channel_axis=channel_axis)
+    if layout.is_stack:
+        raise ValueError(f"image: {image.path} has stack axes {layout.axes} (shape {image.shape}); segment its "
+                         "frames with segment_stack(image), or pass one frame")
+    for message in layout.guessed:
+        warnings.warn(f"{image.path}: {message}", AxesGuessWarning, stacklevel=4)
+    array = image.array
+    if not isinstance(array, np.ndarray) and (opts.tile_size is None or max(layout.plane_shape) <= opts.tile_size):
+        # one model input: read whole (a lazily read file is read region by region only when tiled)
+        array = np.asarray(array[(slice(None),) * len(image.shape)])
+    return array, replace(opts, channel_axis=layout.channel_axis)
 
 
 _SESSION_LOCK = threading.Lock()

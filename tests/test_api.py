@@ -52,6 +52,26 @@ def test_boxes_reaching_past_the_edge_are_decoded_as_given(steered_tiny, session
     assert again.max() >= 3
 
 
+def test_an_image_file_is_segmented_with_the_axes_it_records(session, cell_image, finder_result, tmp_path):
+    """``segment(read_image(p))``: the array, its channel axis from the file; a stack file is
+    sent to ``segment_stack``."""
+    import tifffile
+
+    from cellsam_trt.axes import AxesGuessWarning
+
+    channels_first = np.moveaxis(cell_image, -1, 0)
+    tifffile.imwrite(tmp_path / "cyx.ome.tif", channels_first, ome=True, metadata={"axes": "CYX"})
+    np.testing.assert_array_equal(session.segment(cellsam_trt.read_image(tmp_path / "cyx.ome.tif")),
+                                  finder_result[0])
+    tifffile.imwrite(tmp_path / "plain.tif", cell_image)  # no axes: read as the array is, with the guess said
+    with pytest.warns(AxesGuessWarning, match="plain.tif: axis 2 .* stack_axis=2"):
+        labels = session.segment(cellsam_trt.read_image(tmp_path / "plain.tif"))
+    np.testing.assert_array_equal(labels, finder_result[0])
+    tifffile.imwrite(tmp_path / "tyx.ome.tif", channels_first, ome=True, metadata={"axes": "TYX"})
+    with pytest.raises(ValueError, match="segment_stack"):
+        session.segment(cellsam_trt.read_image(tmp_path / "tyx.ome.tif"))
+
+
 def test_user_boxes_equal_per_box_reference(steered_tiny, session, cell_image):
     boxes = user_boxes(40, *cell_image.shape[:2])
     labels, details = session.segment(cell_image, boxes=boxes, return_details=True)
@@ -76,8 +96,9 @@ def test_details_are_consistent(finder_result):
     assert (d.iou >= 0.5).all()
     assert (np.diff(d.scores) <= 0).all()  # decoding order is score order
     assert d.embedding.shape == (1, 32, 64, 64)
-    assert set(d.timings) == {"checks", "preprocess", "encoder", "cellfinder", "boxes", "decoder", "postprocess",
-                              "details", "release", "total", "unattributed"}
+    # on the CPU the host path: no upload stage
+    assert set(d.timings) == {"checks", "format", "clip", "clahe", "inputs", "encoder", "cellfinder", "boxes",
+                              "decoder", "download", "cleanup", "details", "release", "total", "unattributed"}
     stages = sum(v for k, v in d.timings.items() if k not in ("total", "unattributed"))
     assert stages + d.timings["unattributed"] == pytest.approx(d.timings["total"])
     final = set(np.unique(labels)) - {0}

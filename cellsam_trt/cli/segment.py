@@ -1,12 +1,20 @@
 """``cellsam-trt segment INPUT... -o OUTDIR``: segment image files, folders and globs.
 
-Per image the command writes, atomically (temp file + rename, so an interrupted run never
-leaves a half-written file):
+Per image the command writes one set of outputs, all or nothing (each to a temp file,
+renamed into place together once all are written, so an interrupted run or a full disk
+never leaves a half-written file or a half set):
 
-- ``<name>_labels.tif``: (H, W) labels, int32 (uint32 above 65535 cells), zlib-compressed;
+- ``<name>_labels.tif``: (H, W) labels, uint16 (uint32 above 65535 cells; ``--label-dtype``),
+  zlib-compressed;
 - ``<name>_overlay.png`` with ``--overlay``: the image with cells tinted and outlined;
 - ``<name>_cells.csv`` with ``--csv``: one row per cell: label, prompt box (x1, y1, x2, y2),
   CellFinder score (empty for none), predicted IoU, area (px), centroid (y, x).
+
+``<name>`` depends on the input alone (``output_name``): its file name without the image
+suffix (``a.ome.tif`` -> ``a``; with the suffix where its folder holds another image of that
+stem: ``img.npy`` and ``img.zarr`` -> ``img.npy``, ``img.zarr``), under the sub-folder it was
+found in when a folder is searched with ``--recursive``. Two inputs of one run that would share a name are refused
+before any work; the run prints each input with its labels file.
 
 Stacks (time-lapse, z-stacks: T / Z axes, from the file's axes metadata or ``--axes``) are
 segmented frame by frame (``stack.segment_frames``: frames batched through the graphs) into
@@ -44,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..io import IMAGE_SUFFIXES, LABEL_DTYPES, label_file_dtype, read_image
+from ..io import IMAGE_SUFFIXES, LABEL_DTYPES, label_file_dtype, read_image, write_together
 from ..progress import progress_bar, write_line
 from ..runtime import BACKENDS
 
@@ -68,12 +76,26 @@ def _inside_zarr(path: Path) -> bool:
     return any(_is_zarr(parent) for parent in path.parents)
 
 
-def expand_inputs(inputs: list[str], recursive: bool = False, exclude: Path | None = None
-                  ) -> tuple[list[Path], list[tuple[str, str]]]:
+@dataclass(frozen=True)
+class Input:
+    """One image to segment.
+
+    Attributes:
+        path: the image file (or .zarr store).
+        location: where its outputs go, relative to the output folder: its path under the
+            folder argument that found it (sub-folders with ``--recursive``), else its name.
+    """
+
+    path: Path
+    location: Path
+
+
+def find_inputs(inputs: list[str], recursive: bool = False, exclude: Path | None = None
+                ) -> tuple[list[Input], list[tuple[str, str]]]:
     """Files, folders (their image files; with ``recursive`` also sub-folders) and glob
-    patterns -> (image paths in order, without duplicates; inputs that matched nothing with
+    patterns -> (the images in order, without duplicates; inputs that matched nothing with
     the reason). Paths under ``exclude`` (the output folder) are left out."""
-    found: list[Path] = []
+    found: list[Input] = []
     problems: list[tuple[str, str]] = []
     excluded = exclude.resolve() if exclude is not None else None
 
@@ -88,24 +110,31 @@ def expand_inputs(inputs: list[str], recursive: bool = False, exclude: Path | No
                            and not _inside_zarr(p.relative_to(path)))
             if not files:
                 problems.append((item, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"))
-            found.extend(files)
+            found.extend(Input(p, p.relative_to(path)) for p in files)
         elif path.exists():
-            found.append(path)
+            found.append(Input(path, Path(path.name)))
         elif glob.has_magic(item):
             matches = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
             matches = [m for m in matches if is_image_path(m) and outside(m) and not _inside_zarr(m)]
             if not matches:
                 problems.append((item, "pattern matches no image files"))
-            found.extend(matches)
+            found.extend(Input(m, Path(m.name)) for m in matches)
         else:
             problems.append((item, "no such file or folder"))
     seen, unique = set(), []
-    for p in found:
-        key = p.resolve()
+    for image in found:
+        key = image.path.resolve()
         if key not in seen:
             seen.add(key)
-            unique.append(p)
+            unique.append(image)
     return unique, problems
+
+
+def expand_inputs(inputs: list[str], recursive: bool = False, exclude: Path | None = None
+                  ) -> tuple[list[Path], list[tuple[str, str]]]:
+    """``find_inputs``, as image paths."""
+    found, problems = find_inputs(inputs, recursive, exclude)
+    return [image.path for image in found], problems
 
 
 def output_stem(path: Path) -> str:
@@ -117,22 +146,44 @@ def output_stem(path: Path) -> str:
     return path.stem
 
 
-def unique_stems(paths: list[Path]) -> list[str]:
-    """Output names; inputs with the same name in different folders get their folder prefixed."""
-    stems = [output_stem(p) for p in paths]
-    counts: dict[str, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    out, used = [], set()
-    for p, s in zip(paths, stems):
-        name = s if counts[s] == 1 else f"{p.parent.name}__{s}"
-        base, k = name, 2
-        while name in used:
-            name = f"{base}_{k}"
-            k += 1
-        used.add(name)
-        out.append(name)
-    return out
+def output_name(image: Input) -> str:
+    """The outputs' name for one input, from that input alone (so ``--resume`` finds them
+    whatever else is segmented): its location without the image suffix, e.g. ``a.ome.tif``
+    -> ``a``, ``deep/x.png`` (found by ``--recursive``) -> ``deep/x``. Where the input's
+    folder holds another image with the same stem (``img.npy`` beside ``img.zarr``) the name
+    keeps the suffix (``img.npy``), so the two never share outputs."""
+    stem = output_stem(image.location)
+    if _has_namesake(image.path):
+        stem = image.location.name
+    return (image.location.parent / stem).as_posix()
+
+
+def _has_namesake(path: Path) -> bool:
+    """Whether ``path``'s folder holds another image file with its stem (case-insensitive:
+    such names share a file on macOS and Windows)."""
+    stem = output_stem(path).casefold()
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return False
+    return any(other.name != path.name and is_image_path(other) and output_stem(other).casefold() == stem
+               for other in siblings)
+
+
+def output_names(images: list[Input]) -> list[str]:
+    """``output_name`` of each input; ValueError, before any work, when two inputs would
+    write the same outputs (``img.npy`` and ``img.zarr`` in one folder, or ``img.tif`` in
+    two folders given as two inputs): names never depend on the other inputs of a run."""
+    names = [output_name(image) for image in images]
+    first: dict[str, Input] = {}
+    for image, name in zip(images, names):
+        key = name.casefold()  # case-insensitive file systems (macOS, Windows) would share the file
+        if key in first:
+            raise ValueError(f"{first[key].path} and {image.path} would both write {name}_labels.tif; rename one, "
+                             "segment them into different -o folders, or give their common parent folder with "
+                             "--recursive (outputs then keep the sub-folders)")
+        first[key] = image
+    return names
 
 
 class ChannelView:
@@ -259,12 +310,13 @@ def write_cells_csv(path: Path, rows: list[list]) -> Path:
 
 def image_layout(image: Any, args: argparse.Namespace) -> Any:
     """The ``axes.Layout`` of an ``io.ImageFile`` under ``--axes`` / ``--channel-axis`` / ``--stack-axis``."""
-    from ..axes import resolve_layout
+    from ..axes import COMMAND_LINE, resolve_layout
 
     shape = image.shape
     # a 2-D image has no channel axis to choose (a singleton one was dropped on reading)
     channel_axis = args.channel_axis if len(shape) > 2 else None
-    layout = resolve_layout(shape, image.axes, axes=args.axes, channel_axis=channel_axis, stack_axis=args.stack_axis)
+    layout = resolve_layout(shape, image.axes, axes=args.axes, channel_axis=channel_axis, stack_axis=args.stack_axis,
+                            names=COMMAND_LINE)
     c = layout.channel_axis
     if (layout.channels_guessed and c is not None and shape[c] > 3 and args.nuclear_channel is None
             and args.whole_cell_channel is None):
@@ -280,7 +332,8 @@ def segment_options(args: argparse.Namespace) -> SegmentOptions:
     """The ``SegmentOptions`` the command's flags ask for; ValueError naming the flag."""
     from ..engine.options import SegmentOptions
     try:
-        return SegmentOptions(bbox_threshold=args.bbox_threshold, normalize=args.clahe, postprocess=args.postprocess,
+        return SegmentOptions(bbox_threshold=args.bbox_threshold, normalize=True if args.clahe == "auto" else args.clahe,
+                              postprocess=args.postprocess,
                               remove_boundaries=args.remove_boundaries,
                               tile_size=None if args.no_tiling else args.tile_size, overlap=args.overlap,
                               batch_size=args.batch_size)
@@ -328,18 +381,23 @@ def _segment_opened(session: Any, raw: Any, outputs: Outputs, args: argparse.Nam
             full = source.read(0, source.height, 0, source.width)
             labels, seg = session.segment(full, return_details=True, options=replace(options, channel_axis=-1))
             details = details_from_segmentation(labels, seg)
-        elif streams_by_default(*ImageSource(image, axis).shape, options.tile_size, options.overlap,
-                                options.batch_size, options.normalize):
-            return _segment_streamed(session, image, outputs, options)
         else:
+            shape = ImageSource(image, axis).shape
+            if max(shape) > options.tile_size:
+                # a tiled image takes minutes on a CPU: a bar over its tiles (under the images' bar)
+                options = replace(options, progress=not args.no_progress)
+            if streams_by_default(*shape, options.tile_size, options.overlap, options.batch_size,
+                                  options.normalize):
+                return _segment_streamed(session, image, outputs, options)
             labels, details = segment_large(session, image, return_details=True, stream=False, options=options)
-    # outputs first, labels last: with --resume an interrupted image is redone
-    if outputs.cells is not None:
-        write_cells_csv(outputs.cells, cell_rows(labels, details))
-    if outputs.overlay is not None:
-        source = ImageSource(image, axis)
-        write_png(outputs.overlay, overlay(source.read(0, source.height, 0, source.width), labels))
-    write_labels_tiff(outputs.labels, labels, outputs.label_dtype)
+    # one set, all or nothing (a full disk leaves no table without its labels); labels last
+    with write_together():
+        if outputs.cells is not None:
+            write_cells_csv(outputs.cells, cell_rows(labels, details))
+        if outputs.overlay is not None:
+            source = ImageSource(image, axis)
+            write_png(outputs.overlay, overlay(source.read(0, source.height, 0, source.width), labels))
+        write_labels_tiff(outputs.labels, labels, outputs.label_dtype)
     return int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
 
 
@@ -389,18 +447,12 @@ def _segment_stack(session: Any, array: Any, layout: Any, outputs: Outputs, args
     finally:
         bar.close()
 
-    if outputs.cells is not None:
-        def write_table(tmp):
-            with open(tmp, "w", newline="") as fh:
-                csv.writer(fh).writerow([a.lower() for a in stack_letters] + CSV_HEADER)
-                for index in indices:
-                    fh.write(frame_file(index, ".csv").read_text())
+    def write_table(tmp):
+        with open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerow([a.lower() for a in stack_letters] + CSV_HEADER)
+            for index in indices:
+                fh.write(frame_file(index, ".csv").read_text())
 
-        atomic_write(outputs.cells, write_table)
-    if outputs.overlay is not None:  # the first frame
-        from .pictures import overlay, write_png
-
-        write_png(outputs.overlay, overlay(first, np.load(frame_file(indices[0], ".npy"))))
     cells = 0
 
     def frames():
@@ -410,11 +462,19 @@ def _segment_stack(session: Any, array: Any, layout: Any, outputs: Outputs, args
             cells += int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
             yield labels
 
-    # labels last: with --resume an interrupted stack is redone from its saved frames; frames
-    # are numbered 1..K_f each, so the largest label is the largest frame's count
-    largest = max(int(np.load(frame_file(index, ".npy"), mmap_mode="r").max()) for index in indices)
-    write_label_stack_tiff(outputs.labels, frames(), layout.stack_shape + layout.plane_shape, stack_letters + "YX",
-                           dtype=label_file_dtype(largest, outputs.label_dtype))
+    # one set, all or nothing, labels last: with --resume an interrupted stack is redone from
+    # its saved frames, which stay until the set is in place
+    with write_together():
+        if outputs.cells is not None:
+            atomic_write(outputs.cells, write_table)
+        if outputs.overlay is not None:  # the first frame
+            from .pictures import overlay, write_png
+
+            write_png(outputs.overlay, overlay(first, np.load(frame_file(indices[0], ".npy"))))
+        # frames are numbered 1..K_f each, so the largest label is the largest frame's count
+        largest = max(int(np.load(frame_file(index, ".npy"), mmap_mode="r").max()) for index in indices)
+        write_label_stack_tiff(outputs.labels, frames(), layout.stack_shape + layout.plane_shape,
+                               stack_letters + "YX", dtype=label_file_dtype(largest, outputs.label_dtype))
     shutil.rmtree(frames_dir, ignore_errors=True)
     return cells
 
@@ -442,9 +502,11 @@ def _segment_streamed(session: Any, image: Any, outputs: Outputs, options: Segme
     try:
         labels, details = segment_large(session, image, return_details=True, output=os.path.join(scratch, "run.zarr"),
                                         options=options)
-        if outputs.cells is not None:
-            write_cells_csv(outputs.cells, cell_rows(labels, details))
-        write_labels_tiff_tiled(outputs.labels, labels, max_label=details.num_cells, label_dtype=outputs.label_dtype)
+        with write_together():  # one set, all or nothing, labels last
+            if outputs.cells is not None:
+                write_cells_csv(outputs.cells, cell_rows(labels, details))
+            write_labels_tiff_tiled(outputs.labels, labels, max_label=details.num_cells,
+                                    label_dtype=outputs.label_dtype)
         return details.num_cells
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -453,20 +515,24 @@ def _segment_streamed(session: Any, image: Any, outputs: Outputs, options: Segme
 def run(args: argparse.Namespace) -> int:
     outdir = Path(args.outdir)
     # inputs first: a mistyped path answers before the model stack is imported
-    paths, problems = expand_inputs(args.inputs, args.recursive, exclude=outdir)
+    images, problems = find_inputs(args.inputs, args.recursive, exclude=outdir)
     failed: list[tuple[str, str]] = list(problems)
     for item, reason in problems:
         print(f"cellsam-trt segment: {item}: {reason}", file=sys.stderr)
-    if not paths:
+    if not images:
         print(f"cellsam-trt segment: no images to segment ({len(problems)} inputs matched nothing)", file=sys.stderr)
         return 1
+    names = output_names(images)  # two inputs for one set of outputs fail here, before any work
     options = segment_options(args)  # bad flags fail here, before any work
     check_output_folder(outdir)  # and an output that cannot be written, before the first image
     from ..api import CellSAM
-    stems = unique_stems(paths)
-    plan = [(p, Outputs(outdir / f"{s}_labels.tif", outdir / f"{s}_overlay.png" if args.overlay else None,
-                        outdir / f"{s}_cells.csv" if args.csv else None, args.label_dtype))
-            for p, s in zip(paths, stems)]
+    plan = [(image.path, Outputs(outdir / f"{s}_labels.tif", outdir / f"{s}_overlay.png" if args.overlay else None,
+                                 outdir / f"{s}_cells.csv" if args.csv else None, args.label_dtype))
+            for image, s in zip(images, names)]
+    print(f"{len(plan)} {_plural(len(plan), 'image')} -> {outdir}:")
+    for path, outputs in plan:
+        print(f"  {path} -> {outputs.labels.relative_to(outdir)}"
+              + (" (done)" if args.resume and outputs.done() else ""))
     todo = [(p, o) for p, o in plan if not (args.resume and o.done())]
     skipped = len(plan) - len(todo)
     if args.resume:
@@ -581,9 +647,11 @@ def register(subparsers) -> None:
     p.add_argument("--overlap", type=int, default=128, help="minimum tile overlap in px (default 128)")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per encoder / CellFinder call (default 4)")
     p.add_argument("--no-tiling", action="store_true", help="squash every image to the model input, however large")
-    p.add_argument("--clahe", default="skimage", choices=("skimage", "opencv"),
-                   help="CLAHE implementation of the normalisation: skimage (as released, default) or opencv "
-                        "(2-3x faster on that step, not bit-identical; `cellsam-trt bench` reports the deviation)")
+    p.add_argument("--clahe", default="auto", choices=("auto", "skimage", "opencv", "torch"),
+                   help="CLAHE implementation of the normalisation: auto (default: the released algorithm, on the "
+                        "GPU by its torch port where the model runs on CUDA, else scikit-image), skimage (on the "
+                        "host, bit-identical to the released code), torch (the port, on the model's device) or "
+                        "opencv (2-3x faster on the CPU, not bit-identical; `cellsam-trt bench` reports the deviation)")
     p.add_argument("--postprocess", action="store_true", help="the released morphological clean-up")
     p.add_argument("--remove-boundaries", action="store_true", help="zero a one-pixel outline around each cell")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png")

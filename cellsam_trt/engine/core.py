@@ -30,11 +30,16 @@ from torch import Tensor
 from ..modeling.config import InferenceConfig
 from ..progress import progress_bar
 from ..runtime.base import Backend, OutOfDeviceMemory, is_out_of_memory
+from . import device_preprocess as device_pre
 from . import postprocess as post
 from . import preprocess as pre
 from .memory import fit_chunk_size
 
 log = logging.getLogger(__name__)
+
+# the stages of ``Timer.timings`` that make the model inputs, and those after the decoder
+PREPROCESS_STAGES = ("format", "upload", "clip", "clahe", "inputs")
+POSTPROCESS_STAGES = ("download", "cleanup")
 
 
 class NoCellsWarning(UserWarning):
@@ -60,12 +65,15 @@ class SegmentationDetails:
             or fully covered by later masks).
         embedding: (1, C, 64, 64) float32 image embedding.
         num_candidates: boxes sent to the decoder (before the IoU filter).
-        timings: seconds per stage: checks (the call's settings and memory), preprocess,
-            encoder and cellfinder (the graphs), boxes (CellFinder's box selection), decoder
-            (the decoder graphs and painting), postprocess (labels to the host, clean-up),
-            details, release (host memory given back on the CPU); for one ``segment`` call
-            also total (its wall clock) and unattributed (total minus the stages). In a batch
-            the encoder and CellFinder times are the batch's divided by its images.
+        timings: seconds per stage: checks (the call's settings and memory), the
+            preprocessing steps (``PREPROCESS_STAGES``: format, upload to the device, clip,
+            clahe, inputs; upload only where the device makes the inputs), encoder and
+            cellfinder (the graphs), boxes (CellFinder's box selection), decoder (the decoder
+            graphs and painting), download (the labels to the host), cleanup (hole filling,
+            small objects, the optional clean-ups), details, release (host memory given back
+            on the CPU); for one ``segment`` call also total (its wall clock) and
+            unattributed (total minus the stages). In a batch the encoder and CellFinder
+            times are the batch's divided by its images.
         backend: the backend that ran ("torch", "onnxruntime" or "tensorrt").
         path: "whole": the image ran as one model input (larger images return
             ``tiling.TiledDetails``, whose ``path`` is "tiled").
@@ -215,27 +223,62 @@ class GraphCore:
     def __init__(self, backend: Backend, device_lock: threading.Lock) -> None:
         self.backend = backend
         self.device_lock = device_lock
+        self._device_normalization: bool | None = None
 
-    def prepare(self, image: Any, boxes: Any, clahe: str | None, channel_axis: int | None) -> PreparedImage:
+    @property
+    def device_normalization(self) -> bool:
+        """Whether ``normalize=True`` runs on the backend's device (``device_preprocess``):
+        on CUDA, once a start-up check on a test image found the device path within
+        ``device_preprocess.DEVICE_TOLERANCE`` of the host path; on the CPU the host path
+        (scikit-image, bit-identical to the released code) is the default."""
+        if self._device_normalization is None:
+            device = self.backend.device
+            self._device_normalization = device.type == "cuda" and device_pre.self_check(
+                device, self.backend.config.image_size, self.backend.adapted_inputs)
+        return self._device_normalization
+
+    def normalization(self, normalize: Any) -> str | None:
+        """The CLAHE implementation a ``SegmentOptions.normalize`` runs here: "torch" for
+        True where ``device_normalization``, else ``preprocess.clahe_method``."""
+        method = pre.clahe_method(normalize)
+        if method == "skimage" and normalize is True and self.device_normalization:
+            return "torch"
+        return method
+
+    def prepare(self, image: Any, boxes: Any, clahe: str | None, channel_axis: int | None,
+                timer: Timer | None = None) -> PreparedImage:
         """Validate and format one image; build both model inputs (CellFinder's only without user boxes).
 
         Args:
-            clahe: the normalisation (``SegmentOptions.clahe``; None: the image lies in [0, 1]).
+            clahe: the normalisation (``normalization``; None: the image lies in [0, 1]);
+                "torch" makes the inputs on the backend's device (``device_preprocess``).
+            timer: gets the ``PREPROCESS_STAGES``.
         """
         backend = self.backend
         size = backend.config.image_size
-        image3 = pre.format_image(image, channel_axis=channel_axis)
-        height, width = image3.shape[:2]
-        user_boxes = None if boxes is None else validate_boxes(boxes, height, width)
+        stage = (timer or Timer(backend)).stage
+        with stage("format"):
+            channels = pre.checked_channels(image, channel_axis=channel_axis)
+            height, width = channels.shape[:2]
+            user_boxes = None if boxes is None else validate_boxes(boxes, height, width)
+            if clahe is None and (channels.min() < 0 or channels.max() > 1):
+                raise ValueError(f"image: with normalize=False values must lie in [0, 1], found "
+                                 f"[{channels.min():g}, {channels.max():g}]")
+            if clahe != "torch":
+                image3 = pre.place_channels(channels)
+        if clahe == "torch":  # the image goes to the device as it is; everything else happens there
+            model_input, finder_input = device_pre.model_inputs(
+                channels, backend.device, size, backend.adapted_inputs, finder=user_boxes is None, stage=stage)
+            return PreparedImage(height, width, user_boxes, model_input, finder_input)
         if clahe is not None:
-            image3 = pre.normalize_image(image3, clahe)
-        elif image3.min() < 0 or image3.max() > 1:
-            raise ValueError(
-                f"image: with normalize=False values must lie in [0, 1], found [{image3.min():g}, {image3.max():g}]"
-            )
-        tensor = pre.to_tensor(image3)
-        model_input = pre.embedding_input(tensor, size, backend.adapted_inputs)
-        finder_input = pre.cellfinder_input(tensor, size, backend.adapted_inputs) if user_boxes is None else None
+            with stage("clip"):
+                image3 = pre.percentile_clip(image3)
+            with stage("clahe"):
+                image3 = pre.clahe(image3, method=clahe)
+        with stage("inputs"):
+            tensor = pre.to_tensor(image3)
+            model_input = pre.embedding_input(tensor, size, backend.adapted_inputs)
+            finder_input = pre.cellfinder_input(tensor, size, backend.adapted_inputs) if user_boxes is None else None
         return PreparedImage(height, width, user_boxes, model_input, finder_input)
 
     def embed(self, items: Sequence[PreparedImage], timers: Sequence[Timer]) -> None:
@@ -284,8 +327,9 @@ class GraphCore:
     def finish(self, item: PreparedImage, decoded: DecodedMasks, opts: InferenceConfig, timer: Timer, *,
                postprocess: bool, remove_boundaries: bool, return_details: bool) -> Segmented:
         """Clean-up of the painted labels, and the details."""
-        with timer.stage("postprocess"):
+        with timer.stage("download"):
             labels = decoded.painter.result().cpu().numpy()
+        with timer.stage("cleanup"):
             dropped = len(decoded.boxes_model) - len(decoded.kept)
             if dropped:
                 log.info("%d of %d masks dropped: predicted IoU below %s", dropped, len(decoded.boxes_model),

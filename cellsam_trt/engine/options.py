@@ -33,7 +33,10 @@ class SegmentOptions:
 
     Attributes:
         bbox_threshold: CellFinder confidence weight in [0, 1] (None: the session's, 0.4).
-        normalize: percentile clip + CLAHE first: True (scikit-image's CLAHE, as released),
+        normalize: percentile clip + CLAHE first: True (the released algorithm: on the
+            host by scikit-image, or on CUDA by its torch port once the session's start-up
+            check passes), "skimage" (on the host, bit-identical to the released code),
+            "torch" (the port, on the model's device; on the CPU the same numbers),
             "opencv" (OpenCV's CLAHE, faster, not bit-identical) or False (the image must
             already lie in [0, 1]).
         postprocess: the released optional morphological clean-up.

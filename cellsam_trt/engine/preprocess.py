@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numbers
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,11 +41,13 @@ CHANNEL_NAMES = ("blank", "nuclear", "whole-cell")
 CLAHE_KERNEL = 128
 CLAHE_CLIP_LIMIT = 0.01
 CLAHE_NBINS = 256
-CLAHE_METHODS = ("skimage", "opencv")
+# "torch": scikit-image's algorithm ported to torch, on the model's device (device_preprocess)
+CLAHE_METHODS = ("skimage", "opencv", "torch")
 
 
 def format_image(image: Any, channel_axis: int | None = None) -> np.ndarray:
-    """Validate an image and place its channels as CellSAM expects.
+    """Validate an image and place its channels as CellSAM expects (``checked_channels``,
+    then ``place_channels``).
 
     Args:
         image: array-like (H, W) or (H, W, C) / (C, H, W) with C <= 3, any integer, bool or
@@ -58,6 +61,23 @@ def format_image(image: Any, channel_axis: int | None = None) -> np.ndarray:
 
     Raises:
         ValueError: on anything else, naming the problem.
+    """
+    return place_channels(checked_channels(image, channel_axis))
+
+
+def place_channels(channels: np.ndarray) -> np.ndarray:
+    """(H, W, C) from ``checked_channels`` -> (H, W, 3) float64, the C channels in the last C slots."""
+    h, w, c = channels.shape
+    out = np.zeros((h, w, 3))
+    out[:, :, 3 - c:] = channels
+    return out
+
+
+def checked_channels(image: Any, channel_axis: int | None = None) -> np.ndarray:
+    """``format_image``'s checks, without the conversion: (H, W, C) with C <= 3 in the
+    image's own dtype (the channel axis moved last, a view where it can be), so that the
+    device path uploads the image as it is (a uint16 image is a quarter of its float64
+    form). Arguments and errors as ``format_image``; a 2-D image gets a channel axis (C = 1).
     """
     if channel_axis is not None and (isinstance(channel_axis, bool) or not isinstance(channel_axis, numbers.Integral)):
         raise ValueError(f"channel_axis: expected an integer axis (0, 1, 2 or negative) or None, got {channel_axis!r}")
@@ -107,9 +127,7 @@ def format_image(image: Any, channel_axis: int | None = None) -> np.ndarray:
         with np.errstate(over="ignore"):
             if not np.isfinite(high - low):
                 raise ValueError(f"image: value range [{low:g}, {high:g}] is too wide to normalise in float64")
-    out = np.zeros((h, w, 3))
-    out[:, :, 3 - c:] = image
-    return out
+    return image
 
 
 def _map_channels(fn, image: np.ndarray) -> list:
@@ -145,7 +163,8 @@ def percentile_clip(image: np.ndarray, percentile: float = 99.9) -> np.ndarray:
 
 def clahe_method(normalize: Any) -> str | None:
     """The CLAHE implementation a ``normalize`` argument asks for: None (no normalisation),
-    "skimage" (True: the released behaviour) or "opencv".
+    "skimage" (True: the released behaviour; a session on CUDA runs it as "torch" once its
+    start-up check passes, ``engine.core.GraphCore.normalization``), "opencv" or "torch".
 
     Raises:
         ValueError: for anything else.
@@ -175,7 +194,8 @@ def quantize_for_clahe(plane: np.ndarray, in_range: Any = "image") -> np.ndarray
 def equalize_levels(levels: np.ndarray, method: str = "skimage") -> np.ndarray:
     """CLAHE (kernel 128, clip 0.01, 256 bins) on ``quantize_for_clahe`` output, before the final min-max.
 
-    "skimage" is scikit-image's own ``_clahe`` (what ``equalize_adapthist`` runs). "opencv"
+    "skimage" is scikit-image's own ``_clahe`` (what ``equalize_adapthist`` runs; its torch
+    port, the same numbers, is ``device_preprocess.equalize_levels``). "opencv"
     runs ``cv2.createCLAHE`` on the same 8-bit histogram bins, tiles and clip level
     (in counts); the two differ in how clipped counts are redistributed and in OpenCV's
     8-bit output (the deviation is measured by ``cellsam-trt bench``).
@@ -188,7 +208,7 @@ def equalize_levels(levels: np.ndarray, method: str = "skimage") -> np.ndarray:
     if method == "skimage":
         return _clahe(levels, [k, k], CLAHE_CLIP_LIMIT, CLAHE_NBINS)
     if method != "opencv":
-        raise ValueError(f"method: expected one of {CLAHE_METHODS}, got {method!r}")
+        raise ValueError(f"method: expected 'skimage' or 'opencv', got {method!r}")
     import cv2
 
     bins = (levels // (1 + NR_OF_GRAY // CLAHE_NBINS)).astype(np.uint8)  # scikit-image's bins, 0..252
@@ -210,8 +230,11 @@ def clahe(image: np.ndarray, kernel_size: int = CLAHE_KERNEL, method: str = "ski
     Args:
         image: (H, W, 3) float64.
         kernel_size: CLAHE tile side (``method="skimage"`` only; the released 128 otherwise).
-        method: "skimage" (``equalize_adapthist``, as released) or "opencv" (``equalize_levels``).
+        method: "skimage" (``equalize_adapthist``, as released) or "opencv" (``equalize_levels``);
+            "torch" is ``device_preprocess.clahe``.
     """
+    if method not in ("skimage", "opencv"):
+        raise ValueError(f"method: expected 'skimage' or 'opencv', got {method!r}")
     if method == "opencv" and kernel_size != CLAHE_KERNEL:
         raise ValueError(f"kernel_size: the opencv method uses {CLAHE_KERNEL}, got {kernel_size}")
 
@@ -265,36 +288,38 @@ def _percentile_rescale(image: Tensor, lower: float = 0.0, upper: float = 99.5) 
 
 
 def _fill_blank_channels(image: Tensor) -> Tensor:
-    """Copy whole-cell into an empty nuclear channel and vice versa."""
-    if torch.max(image[1]) == 0:
-        image[1] = image[2]
-    if torch.max(image[2]) == 0:
-        image[2] = image[1]
+    """Copy whole-cell into an empty nuclear channel and vice versa (chosen on the tensor's
+    device: no host synchronisation)."""
+    image[1] = torch.where(torch.max(image[1]) == 0, image[2], image[1])
+    image[2] = torch.where(torch.max(image[2]) == 0, image[1], image[2])
     return image
 
 
-def embedding_input(image: Tensor, size: int = 1024, adapted: bool = True) -> Tensor:
-    """Input of SAM's image encoder.
+def embedding_input(image: Tensor, size: int = 1024, adapted: bool = True,
+                    rescale: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Input of SAM's image encoder, on the device of ``image``.
 
     Args:
         image: (1, 3, H, W) float32 (output of ``to_tensor``).
         size: model input side.
         adapted: the checkpoint has ``model_cp`` weights; the released code then also applies
             ImageNet normalisation and per-channel min-max before SAM's pixel normalisation.
+        rescale: the percentile rescale of the resized (3, S, S) image: numpy's, as
+            released (None, CPU tensors), or ``device_preprocess.rescale_by_percentiles``.
 
     Returns:
         (1, 3, size, size) float32.
     """
-    x = _percentile_rescale(_resize(image[0], size))
+    x = (rescale or _percentile_rescale)(_resize(image[0], size))
     if adapted:
         x = _min_max(TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD).unsqueeze(0)).squeeze(0)
-    mean = torch.tensor(PIXEL_MEAN).view(-1, 1, 1) / 255
-    std = torch.tensor(PIXEL_STD).view(-1, 1, 1) / 255
+    mean = torch.tensor(PIXEL_MEAN, device=x.device).view(-1, 1, 1) / 255
+    std = torch.tensor(PIXEL_STD, device=x.device).view(-1, 1, 1) / 255
     return ((x - mean) / std).unsqueeze(0)
 
 
 def cellfinder_input(image: Tensor, size: int = 1024, adapted: bool = True) -> Tensor:
-    """Input of CellFinder.
+    """Input of CellFinder, on the device of ``image``.
 
     The released code round-trips the resized image through an 8-bit PIL image
     (``x * 255`` truncated to uint8), applies SAM's pixel normalisation on the 0..255 scale,
@@ -307,7 +332,8 @@ def cellfinder_input(image: Tensor, size: int = 1024, adapted: bool = True) -> T
         (1, 3, size, size) float32.
     """
     x = _resize(image[0], size).mul(255).byte()
-    x = (x - torch.tensor(PIXEL_MEAN).view(-1, 1, 1)) / torch.tensor(PIXEL_STD).view(-1, 1, 1)
+    mean = torch.tensor(PIXEL_MEAN, device=x.device).view(-1, 1, 1)
+    x = (x - mean) / torch.tensor(PIXEL_STD, device=x.device).view(-1, 1, 1)
     if adapted:
         x = _min_max(TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD).unsqueeze(0)).squeeze(0)
         x = _fill_blank_channels(x)

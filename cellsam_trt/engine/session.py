@@ -121,8 +121,7 @@ class Session:
                                          "free memory" if opts.tile_size is not None else
                                          "leave tile_size at its default to segment it in tiles (memory then bounded "
                                          "by a few tiles)")
-            with timer.stage("preprocess"):
-                item = self.core.prepare(image, boxes, opts.clahe, opts.channel_axis)
+            item = self.core.prepare(image, boxes, self.core.normalization(opts.normalize), opts.channel_axis, timer)
             labels, details = self._run_one(item, timer, opts, return_details, release=True)
         timer.close()
         if not labels.any():
@@ -152,7 +151,8 @@ class Session:
         from .embedding import ImageEmbedding, embedding_key, image_key
 
         opts = SegmentOptions.of(options, **settings)
-        key = image_key(image, opts.clahe, opts.channel_axis)
+        normalization = self.core.normalization(opts.normalize)
+        key = image_key(image, normalization, opts.channel_axis)
         weights = self.backend.weights_identity()
         path = None
         if cache_dir is not None:
@@ -165,7 +165,7 @@ class Session:
                     return saved
         check_whole_image_memory(spatial_shape(image, opts.channel_axis), "embed() of a {}x{} image", "free memory")
         # empty user boxes: prepare skips CellFinder's input
-        item = self.core.prepare(image, None if cellfinder else np.zeros((0, 4), np.float32), opts.clahe,
+        item = self.core.prepare(image, None if cellfinder else np.zeros((0, 4), np.float32), normalization,
                                  opts.channel_axis)
         with self._device_lock:
             self.core.embed([item], [Timer(self.backend)])
@@ -217,12 +217,12 @@ class Session:
             return []
         timers = [Timer(self.backend) for _ in images]
         items = []
+        normalization = self.core.normalization(opts.normalize)
         for index, (image, user_boxes) in enumerate(zip(images, boxes)):
-            with timers[index].stage("preprocess"):
-                try:
-                    items.append(self.core.prepare(image, user_boxes, opts.clahe, opts.channel_axis))
-                except ValueError as err:
-                    raise ValueError(f"images[{index}]: {err}") from None
+            try:
+                items.append(self.core.prepare(image, user_boxes, normalization, opts.channel_axis, timers[index]))
+            except ValueError as err:
+                raise ValueError(f"images[{index}]: {err}") from None
         results = self.core.run(items, self.thresholds(opts), timers, postprocess=opts.postprocess,
                                 remove_boundaries=opts.remove_boundaries, return_details=return_details)
         del items

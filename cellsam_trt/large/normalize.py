@@ -164,7 +164,15 @@ def clahe_region(source: ImageSource, norm: Sequence[ChannelNorm], y0: int, y1: 
         plane[plane > n.top] = n.top
         # the same steps as preprocess.clahe, with the whole image's ranges
         plane = rescale_intensity(plane, in_range=(n.lo, n.hi), out_range=(0.0, 1.0))
-        result = pre.equalize_levels(pre.quantize_for_clahe(plane, in_range=full_range), method)
+        levels = pre.quantize_for_clahe(plane, in_range=full_range)
+        if method == "torch":  # the port of scikit-image's CLAHE: the same levels
+            import torch
+
+            from ..engine import device_preprocess as device_pre
+
+            result = device_pre.equalize_levels(torch.from_numpy(levels.astype(np.int64))[None])[0].numpy()
+        else:
+            result = pre.equalize_levels(levels, method)
         out[..., chan] = result[y0 - ay0:y1 - ay0, x0 - ax0:x1 - ax0]
     return out
 

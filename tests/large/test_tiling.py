@@ -1,4 +1,5 @@
 """Large images: tile grid, exact whole-image normalisation in chunks, stitching, segment_large."""
+import logging
 import os
 import warnings
 
@@ -109,7 +110,9 @@ def test_chunked_normalisation_is_the_whole_image_one(shape, block, dtype, metho
         image[..., 0] = 7
     if dtype == np.float32:
         image -= 300
-    expected = pre.normalize_image(pre.format_image(image), method).astype(np.float32)
+    # "torch" runs the port of scikit-image's CLAHE: the same numbers as "skimage"
+    expected = pre.normalize_image(pre.format_image(image), "skimage" if method == "torch" else method)
+    expected = expected.astype(np.float32)
     clahe, norm = normalize_large(ImageSource(image), block=block, method=method)
     np.testing.assert_array_equal(scale_clahe(clahe, norm), expected)
     region = scale_clahe(clahe[100:250, 37:200], norm)
@@ -326,6 +329,29 @@ def test_3000x2500_end_to_end_with_user_boxes(session):
     np.testing.assert_array_equal(labels, reference_tiled(session, image, grid, tile_boxes))
 
 
+def test_boxes_past_the_image_edge_keep_their_outside_part_on_the_tiled_path(session, caplog):
+    """A box reaching past the image's edge goes to the tile holding its centre (clamped to the
+    image) and stays as given on that side, as the whole-image path passes it; only a tile
+    edge inside the image cuts it."""
+    grid = TileGrid.plan(700, 300, 512, 64)  # 300 x 300 tiles in one column
+    boxes = np.array([[-11, -5, 40, 60],        # top-left corner, reaching out on two sides
+                      [-60, 100, 10, 140],      # centre left of the image
+                      [250, 650, 320, 712],     # bottom-right corner
+                      [100, 150, 140, 320]],    # crosses the inner edge of tile 0 (y = 300)
+                     np.float32)
+    with caplog.at_level(logging.WARNING, logger="cellsam_trt.large.plan"):
+        tile_boxes = assign_boxes(grid, boxes)
+    last = grid.tile(len(grid) - 1)
+    np.testing.assert_array_equal(tile_boxes[0], [[-11, -5, 40, 60], [-60, 100, 10, 140], [100, 150, 140, 300]])
+    np.testing.assert_array_equal(tile_boxes[last.index], [[250 - last.x0, 650 - last.y0, 320 - last.x0,
+                                                            712 - last.y0]])
+    assert "1 boxes reach beyond the tile" in caplog.text  # only the one cut by an inner edge
+
+    image = synthetic_slide(700, 300, seed=5)[0]
+    labels = segment_large(session, image, boxes=boxes, tile_size=512, overlap=64)  # accepted as given
+    assert labels.shape == (700, 300)
+
+
 def test_small_image_is_segment_unchanged(session, cell_image):
     boxes = np.array([[10, 10, 60, 70], [100, 120, 160, 170]], np.float32)
     expected = session.segment(cell_image, boxes=boxes)
@@ -424,6 +450,13 @@ def test_streamed_run_equals_the_in_memory_one(session, slide_image, tmp_path, m
     # with output=, the labels stay in that zarr group
     stored = segment_large(session, slide_image, tile_size=256, overlap=64, output=tmp_path / "labels.zarr")
     np.testing.assert_array_equal(stored[...], in_memory)
+    # read back as the README says: the store is a group, the labels its "labels" array
+    import zarr
+
+    group = zarr.open(str(tmp_path / "labels.zarr"), mode="r")
+    assert not hasattr(group, "shape") and set(group) >= {"labels", "cells"}
+    np.testing.assert_array_equal(zarr.open(str(tmp_path / "labels.zarr" / "labels"), mode="r")[...], in_memory)
+    assert group["cells/boxes"].shape[1:] == (4,)  # the per-cell table beside them
 
 
 def test_segment_tiles_images_larger_than_the_tile_size(session, slide_image):
