@@ -2,7 +2,10 @@
 the dock widget in a real viewer (needs an X display: Xvfb in CI), the npe2 manifest."""
 import csv
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,14 +132,22 @@ def test_the_command_line_says_what_to_do_without_a_display(monkeypatch, capsys)
 
 @pytest.mark.slow
 @pytest.mark.display  # a viewer needs OpenGL in a window: an X display (Xvfb will do) on Linux
-def test_the_widget_segments_in_a_worker_and_edits_from_the_kept_embedding(counting, cell_image, qtbot, tmp_path):
+def test_the_widget_segments_in_a_worker_and_edits_from_the_kept_embedding(counting, cell_image, qtbot, tmp_path,
+                                                                           monkeypatch):
     from cellsam_trt.napari_plugin.widget import BOXES_LAYER, LABELS_LAYER, CellSAMWidget
 
+    target = os.environ.get("CELLSAM_TRT_SCREENSHOT")  # set to refresh the README's picture
+    target = Path(target).resolve() if target else tmp_path / "viewer.png"
+    # the export folder defaults to the working directory: a short, neutral one for the README's picture
+    neutral = Path(tempfile.mkdtemp()) / "example"
+    neutral.mkdir()
+    monkeypatch.chdir(neutral)
     viewer = napari.Viewer()  # shown (on the X display, Xvfb in CI): a hidden window draws no canvas
     try:
         nuclear = viewer.add_image(cell_image[..., 0], name="nuclear")
         whole = viewer.add_image(cell_image[..., 1], name="whole-cell")
         widget = CellSAMWidget(viewer, session=counting)
+        assert Path(str(widget.export_folder.value)).name == "example"
         viewer.window.add_dock_widget(widget, name="CellSAM")
         widget.whole_cell.value, widget.nuclear.value = whole, nuclear
         worker = widget.segment()
@@ -160,10 +171,20 @@ def test_the_widget_segments_in_a_worker_and_edits_from_the_kept_embedding(count
         assert canvas.ndim == 3 and min(canvas.shape[:2]) > 100
         assert canvas[..., :3].std() > 5 and len(np.unique(canvas[..., :3].reshape(-1, 3), axis=0)) > 20  # drawn
         viewer.layers.selection.active = shapes
+        _close_notifications(viewer)  # "segmenting..." may still be on screen; the count below says it ended
         shot = viewer.screenshot(canvas_only=False, flash=False)
-        target = os.environ.get("CELLSAM_TRT_SCREENSHOT")  # set to refresh the README's picture
         from skimage.io import imsave
 
-        imsave(target or tmp_path / "viewer.png", shot[..., :3], check_contrast=False)
+        imsave(target, shot[..., :3], check_contrast=False)
     finally:
         viewer.close()
+        shutil.rmtree(neutral.parent, ignore_errors=True)
+
+
+def _close_notifications(viewer) -> None:
+    from qtpy.QtWidgets import QApplication, QWidget
+
+    for toast in viewer.window._qt_window.findChildren(QWidget):
+        if type(toast).__name__ == "NapariQtNotification":
+            toast.close()
+    QApplication.processEvents()
