@@ -253,7 +253,7 @@ def opencv_deviation(formatted: np.ndarray, size: int = 1024, adapted: bool = Tr
         {"normalized" | "embedding_input" | "cellfinder_input": {"max", "mean", "p999"}} of
         the absolute differences, over non-constant channels (each input in its own units).
     """
-    images = {m: pre.normalize_image(formatted.copy(), m) for m in pre.CLAHE_METHODS}
+    images = {m: pre.normalize_image(formatted.copy(), m) for m in ("skimage", "opencv")}
     active = [c for c in range(3) if images["skimage"][..., c].any() or images["opencv"][..., c].any()]
     tensors = {m: pre.to_tensor(x) for m, x in images.items()}
     pairs = {

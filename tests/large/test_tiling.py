@@ -397,7 +397,8 @@ def test_segment_batch_equals_segment_per_image(session, cell_image):
         expected, exp_details = session.segment(image, boxes=b, return_details=True)
         np.testing.assert_array_equal(labels, expected)
         np.testing.assert_array_equal(details.labels_of_boxes, exp_details.labels_of_boxes)
-        assert set(details.timings) == {"preprocess", "encoder", "decoder", "postprocess", "details"}
+        assert set(details.timings) == {"format", "clip", "clahe", "inputs", "encoder", "decoder", "download",
+                                        "cleanup", "details"}
     with pytest.raises(ValueError, match="boxes"):
         session.segment_batch([cell_image], boxes=[None, None])
     assert session.segment_batch([]) == []
