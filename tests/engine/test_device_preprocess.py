@@ -78,8 +78,7 @@ def images():
             "check image": dp.check_image()}
 
 
-@pytest.mark.parametrize("name", list(images()))
-@pytest.mark.parametrize("adapted", [True, False])
+@pytest.mark.parametrize("name, adapted", [(name, True) for name in images()] + [("two channels", False)])
 def test_model_inputs_on_the_cpu_are_the_host_paths(name, adapted):
     formatted = pre.format_image(images()[name])
     host = pre.to_tensor(pre.normalize_image(formatted.copy()))
