@@ -21,6 +21,7 @@ rounding of an 8-bit level in CellFinder's input can move to the next level
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -288,7 +289,7 @@ def model_inputs(channels: np.ndarray, device: torch.device | str, size: int, ad
     Returns:
         (1, 3, size, size) float32 tensors on ``device``.
     """
-    timed = stage if stage is not None else (lambda name: _NoTiming())
+    timed = stage if stage is not None else (lambda name: contextlib.nullcontext())
     with timed("upload"):
         image = upload(channels, device)
     if normalize:
@@ -301,14 +302,6 @@ def model_inputs(channels: np.ndarray, device: torch.device | str, size: int, ad
         embedding = pre.embedding_input(tensor, size, adapted, rescale=rescale_by_percentiles)
         finder_input = pre.cellfinder_input(tensor, size, adapted) if finder else None
     return embedding, finder_input
-
-
-class _NoTiming:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def agreement(formatted: np.ndarray, device: torch.device | str, size: int, adapted: bool) -> dict[str, float]:
