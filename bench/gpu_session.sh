@@ -11,6 +11,7 @@
 #     bash bench/gpu_session.sh tests torch bench       # CUDA tests, torch switches, latency
 #     bash bench/gpu_session.sh decoder                 # the decoder alone (another command)
 #     bash bench/gpu_session.sh preprocess stages       # device preprocessing, one call's stages
+#     bash bench/gpu_session.sh encoders                # precisions end to end, SDPA against flash attention
 # On a CPU, to check this script itself in about two minutes (it simulates an
 # out-of-memory row in the decoder step and in the bench, which must be reported):
 #     OUT=/tmp/gpu-session SMOKE=1 bash bench/gpu_session.sh tests decoder bench
@@ -18,7 +19,8 @@
 # Everything lands in $OUT: machine.txt, summary.txt (one line per step and per failed
 # row), tests.log, torch.log with torch-switches.json|md, profile-fp32|fp16.md with their
 # traces (.json), decoder.jsonl, decoder.log,
-# interactive.json|md, stack.json, preprocess.json|log, stages.json, bench.log and the bench report (results/<device>/<date>.json|md|png, two folders down).
+# interactive.json|md, stack.json, preprocess.json|log, stages-<precision>-<attention>.json|log,
+# results-encoders/ (the encoders step's report), bench.log and the bench report (results/<device>/<date>.json|md|png, two folders down).
 #
 # Exit status: 0 when every step ran to its end, rows that ran out of memory or whose
 # backend is missing (TensorRT, onnxruntime-gpu) included: they are listed in summary.txt
@@ -70,6 +72,8 @@ if [ -n "$SMOKE" ]; then
     STACK_ARGS="--frames 2 --side 128 --rounds 1 --batch-size 2"
     INTERACTIVE_ARGS="--device cpu --on-screen 0,10 --repeats 2"
     STAGES_ARGS="--config tiny --device cpu --size 256"
+    STAGES_VARIANTS="fp32/sdpa bf16/sdpa"
+    ENCODERS_ARGS="--smoke --backends torch-fp32,torch-bf16,torch-fp32-flash"
     PREPROCESS_ARGS="--device cpu --sizes 256 --repeats 2 --labels --config tiny"
     # one row of each kind runs out of memory, as SAM's decoder call at N = 3500 does on an
     # 80 GB GPU: the steps must report it and go on
@@ -96,10 +100,15 @@ else
     # absent: torch only here; a backend that is missing is listed in the report anyway
     BENCH_ARGS="--config cellsam-vit-b --n 1,10,100,1000,3500 --backends torch-fp32,torch-bf16,torch-fp16,torch-fp32-eager
                 --cap baseline=1000 --repeats 3 --baseline-repeats 2"
+    # the encoders end to end in each precision, SDPA against the Triton flash attention, at
+    # 1000 user boxes and on CellFinder's path (a second report beside the bench's)
+    ENCODERS_ARGS="--config cellsam-vit-b --n 1000 --backends torch-fp32,torch-fp32-flash,torch-bf16,torch-bf16-flash,torch-fp16,torch-fp16-flash
+                   --cap baseline=0 --repeats 3 --baseline-repeats 1"
     # a 16-frame stack against 16 single calls, ViT-B steered to detect the synthetic cells
     STACK_ARGS="--device cuda --config cellsam-vit-b --backend torch --frames 16 --side 512 --batch-size 8"
     # 1000 user boxes on a 1024 x 1024 image, the call's stages (fused decoder: the default on CUDA)
     STAGES_ARGS="--config cellsam-vit-b --device cuda --size 1024 --user-boxes 1000"
+    STAGES_VARIANTS="fp32/sdpa fp32/flash bf16/sdpa bf16/flash"
     # host preprocessing against its torch port on the GPU (and cuCIM's CLAHE where its wheel
     # travelled), three sizes, then the labels of whole ViT-B calls with each
     PREPROCESS_ARGS="--device cuda --sizes 512,1024,2048 --repeats 10 --labels --config cellsam-vit-b"
@@ -190,16 +199,23 @@ EOF
                 $INTERACTIVE_ARGS --out "$OUT/interactive.json"
             [ -f "$OUT/interactive.md" ] && sed -n '/^| call/,$p' "$OUT/interactive.md" >> "$OUT/summary.txt" ;;
         stages)  # one call accounted for: every stage of details.timings and what none measured (bench_stages.py)
-            run_step stages "${LIMIT_STAGES:-120}" "$OUT/stages.log" $PY bench/bench_stages.py $STAGES_ARGS \
-                --out "$OUT/stages.json"
-            sed -n '/^| stage/,$p' "$OUT/stages.log" >> "$OUT/summary.txt" ;;
+            for variant in $STAGES_VARIANTS; do  # precision/attention
+                precision=${variant%/*} attention=${variant#*/}
+                run_step "stages $variant" "${LIMIT_STAGES:-90}" "$OUT/stages-$precision-$attention.log" \
+                    $PY bench/bench_stages.py $STAGES_ARGS --precision "$precision" --attention "$attention" \
+                    --out "$OUT/stages-$precision-$attention.json"
+                sed -n '/^| stage/,$p' "$OUT/stages-$precision-$attention.log" >> "$OUT/summary.txt"
+            done ;;
+        encoders)  # 1000 boxes and CellFinder's path per precision, SDPA against flash attention (bench_latency.py)
+            run_step encoders "${LIMIT_ENCODERS:-240}" "$OUT/encoders.log" $PY bench/bench_latency.py $ENCODERS_ARGS \
+                --out-dir "$OUT/results-encoders" ;;
         preprocess)  # the host preprocessing against the device path: times, agreement, labels (bench_preprocess.py)
             run_step preprocess "${LIMIT_PREPROCESS:-150}" "$OUT/preprocess.log" $PY bench/bench_preprocess.py \
                 $PREPROCESS_ARGS --out "$OUT/preprocess.json" ;;
         stack)  # frames per second: segment_stack against a loop of segment (bench_stack.py)
             run_step stack "${LIMIT_STACK:-150}" "$OUT/stack.log" $PY bench/bench_stack.py $STACK_ARGS --out "$OUT/stack.json" ;;
         *)
-            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | profile | suite | decoder | bench | interactive | stages | preprocess | stack)" >&2; exit 2 ;;
+            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | profile | suite | decoder | bench | encoders | interactive | stages | preprocess | stack)" >&2; exit 2 ;;
     esac
 done
 echo "--- summary ($OUT/summary.txt)"

@@ -109,8 +109,9 @@ def _make_backend(kind: str, network, device: torch.device, opts: BenchOptions, 
     from ..runtime import TorchBackend, create_backend
 
     if kind.startswith("torch-"):
-        _, precision, *eager = kind.split("-")
-        return TorchBackend(network, device=device, precision=precision, decoder="eager" if eager else "auto")
+        _, precision, *variant = kind.split("-")  # variant: [], ["eager"] (decoder) or ["flash"] (attention)
+        return TorchBackend(network, device=device, precision=precision, decoder="eager" if variant == ["eager"] else "auto",
+                            attention="flash" if variant == ["flash"] else "sdpa")
     if kind == "onnxruntime":
         if onnx_dir is None:
             raise BackendError("no ONNX export given (--onnx-dir DIR, or --export-onnx DIR to export the bench weights)")

@@ -12,6 +12,10 @@ SMOKE_NS = (1, 10)
 # torch-<precision> runs the torch backend as it chooses its decoder (fused on CUDA);
 # torch-fp32-eager keeps the eager decoder, for the side-by-side of the two
 BACKEND_KINDS = ("torch-fp32", "torch-bf16", "torch-fp16", "torch-fp32-eager", "onnxruntime", "tensorrt")
+# opt-in: torch-<precision>-flash runs the encoders' attention on the Triton flash kernel
+# (CUDA; on a CPU it would run in Triton's interpreter, if at all)
+FLASH_KINDS = ("torch-fp32-flash", "torch-bf16-flash", "torch-fp16-flash")
+KNOWN_KINDS = BACKEND_KINDS + FLASH_KINDS
 MASK_SOURCES = ("auto", "model", "cells")
 
 
@@ -31,8 +35,8 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 def _cap(text: str) -> tuple[str, int]:
     name, _, value = text.partition("=")
-    if name not in ("baseline",) + BACKEND_KINDS or not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected NAME=N with NAME in baseline, {', '.join(BACKEND_KINDS)}; got {text!r}")
+    if name not in ("baseline",) + KNOWN_KINDS or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=N with NAME in baseline, {', '.join(KNOWN_KINDS)}; got {text!r}")
     return name, int(value)
 
 
@@ -65,8 +69,9 @@ class BenchOptions:
     ns: tuple[int, ...] = _option(DEFAULT_NS, "user-box counts, comma-separated", flag="--n", parse=_int_list,
                                   metavar="N")
     cellfinder: bool = _option(True, "skip the run with CellFinder's boxes", flag="--no-cellfinder")
-    backends: tuple[str, ...] = _option(BACKEND_KINDS, f"comma-separated subset of {','.join(BACKEND_KINDS)}; "
-                                        "unavailable ones are skipped with the reason", parse=_name_list)
+    backends: tuple[str, ...] = _option(BACKEND_KINDS, f"comma-separated names from {','.join(KNOWN_KINDS)} "
+                                        f"(default: {','.join(BACKEND_KINDS)}); unavailable ones are skipped with "
+                                        "the reason", parse=_name_list)
     onnx_dir: str | None = _option(None, "ONNX export (cellsam-trt export) of the same weights, for onnxruntime")
     export_onnx: str | None = _option(None, "export the bench weights to DIR and bench onnxruntime on them",
                                       metavar="DIR")
@@ -101,14 +106,14 @@ class BenchOptions:
             raise ValueError(f"n: expected positive box counts, got {self.ns}")
         if self.warmup < 0 or self.repeats < 1 or self.baseline_repeats < 1:
             raise ValueError("warmup/repeats: expected warmup >= 0 and repeats >= 1")
-        bad = [b for b in self.backends if b not in BACKEND_KINDS]
+        bad = [b for b in self.backends if b not in KNOWN_KINDS]
         if bad or not self.backends:
-            raise ValueError(f"backends: expected names from {BACKEND_KINDS}, got {self.backends}")
+            raise ValueError(f"backends: expected names from {KNOWN_KINDS}, got {self.backends}")
         if self.masks not in ("auto", "model", "cells"):
             raise ValueError(f"masks: expected 'auto', 'model' or 'cells', got {self.masks!r}")
         for key, cap in self.caps.items():
-            if key not in ("baseline",) + BACKEND_KINDS or cap < 0:
-                raise ValueError(f"cap: expected NAME=N with NAME in baseline, {', '.join(BACKEND_KINDS)}, got {key}={cap}")
+            if key not in ("baseline",) + KNOWN_KINDS or cap < 0:
+                raise ValueError(f"cap: expected NAME=N with NAME in baseline, {', '.join(KNOWN_KINDS)}, got {key}={cap}")
         if not 0 <= self.bbox_threshold <= 1:
             raise ValueError(f"bbox_threshold: expected a number in [0, 1], got {self.bbox_threshold}")
         if self.onnx_dir and self.export_onnx:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..modeling.config import InferenceConfig
 from ..progress import progress_bar
-from ..runtime.base import Backend, OutOfDeviceMemory, is_out_of_memory
+from ..runtime.base import Backend, OutOfDeviceMemory, is_out_of_memory, kept_rows
 from . import device_preprocess as device_pre
 from . import postprocess as post
 from . import preprocess as pre
@@ -417,7 +417,6 @@ class GraphCore:
             try:
                 mask_logits, iou = backend.decoder(embedding, part, keep_iou=opts.iou_threshold,
                                                    last_call=start + len(part) >= len(boxes))
-                keep = iou[:, 0] >= opts.iou_threshold
                 # labels follow the kept order, so chunks are painted in order
                 windows = painter.paint(mask_logits[:, 0], next_label)
             except RuntimeError as err:
@@ -429,11 +428,15 @@ class GraphCore:
                 chunk = max(1, chunk // 2)
                 log.warning("decoder ran out of device memory; retrying with %d boxes per call", chunk)
                 continue
-            rows = torch.nonzero(keep)[:, 0].cpu().numpy()
+            # one download per chunk: the kept rows and their IoU both come from it (the
+            # next chunk's first label depends on how many were kept)
+            iou_host = iou.cpu()
+            rows = kept_rows(iou_host, opts.iou_threshold).numpy()
+            iou_host = iou_host[:, 0].numpy()
             if on_chunk is not None:
                 on_chunk(start, next_label, mask_logits, iou, rows, windows)
             kept_index.append(rows + start)
-            kept_iou.append(iou[keep, 0].cpu().numpy())
+            kept_iou.append(iou_host[rows])
             next_label += len(rows)
             start += len(part)
             if bar is not None:

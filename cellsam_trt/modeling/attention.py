@@ -7,7 +7,9 @@ ViT-B (L = 64 x 64) that is 0.8 GB per tensor in float32. ``SDPAttention`` hands
 computation to PyTorch's fused kernel, with the decomposed relative-position bias as its
 additive mask, so only the bias is materialised.
 
-The torch backend swaps it in on its own copy of the modules (``use_sdpa``); the parameter
+The torch backend swaps it in on its own copy of the modules (``use_fused_attention``;
+``fused_attention.FlashRelPosAttention`` is the Triton kernel that adds the term inside
+instead); the parameter
 names stay ``qkv``, ``proj``, ``rel_pos_h``, ``rel_pos_w``, so state dicts are unchanged.
 The ONNX export keeps SAM's formulation: its graphs (and the engines built from them) are
 not affected.
@@ -44,39 +46,60 @@ class SDPAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         bias = None
         if self.use_rel_pos:
-            bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w)).to(q.dtype)
+            bias = relative_position_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w))
         # SAM scales by head_dim ** -0.5, which is also the kernel's default scale
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 
-def relative_position_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
-    """SAM's decomposed relative-position term as an additive mask.
+def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """SAM's decomposed relative-position term as its two tables.
 
-    q: (B, heads, L, d) unscaled queries, L = h * w -> (B, heads, L, L): entry (i, j) is
-    q_i . Rh[row(i) - row(j)] + q_i . Rw[col(i) - col(j)], what SAM's
-    ``add_decomposed_rel_pos`` adds to the scores.
+    q: (B, heads, L, d) unscaled queries, L = h * w -> rel_h (B, heads, L, h), rel_w
+    (B, heads, L, w) in q's dtype: rel_h[.., i, r] = q_i . Rh[row(i) - r] and rel_w[.., i, c]
+    = q_i . Rw[col(i) - c], so the term added to score (i, j) is rel_h[i, row(j)] +
+    rel_w[i, col(j)] (what SAM's ``add_decomposed_rel_pos`` adds).
     """
     h, w = size
     b, heads, length, d = q.shape
-    rh = get_rel_pos(h, h, rel_pos_h)  # (h, h, d)
-    rw = get_rel_pos(w, w, rel_pos_w)  # (w, w, d)
+    rh = get_rel_pos(h, h, rel_pos_h).to(q.dtype)  # (h, h, d)
+    rw = get_rel_pos(w, w, rel_pos_w).to(q.dtype)  # (w, w, d)
     r_q = q.reshape(b, heads, h, w, d)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)  # (B, heads, h, w, h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)  # (B, heads, h, w, w)
-    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, heads, length, length)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(b, heads, length, h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(b, heads, length, w)
+    return rel_h, rel_w
 
 
-def use_sdpa(module: nn.Module) -> int:
-    """Replace every SAM image-encoder ``Attention`` inside ``module`` (in place) by an
-    ``SDPAttention`` sharing its parameters. Returns how many were replaced.
+def relative_position_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
+    """SAM's decomposed relative-position term as an additive mask: q (B, heads, L, d) ->
+    (B, heads, L, L), entry (i, j) = rel_h[i, row(j)] + rel_w[i, col(j)] (``decomposed_rel_pos``)."""
+    h, w = size
+    b, heads, length, _ = q.shape
+    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, size)
+    bias = rel_h.reshape(b, heads, length, h, 1) + rel_w.reshape(b, heads, length, 1, w)
+    return bias.reshape(b, heads, length, length)
+
+
+ATTENTION_KINDS = ("sdpa", "flash")
+
+
+def use_fused_attention(module: nn.Module, kind: str = "sdpa") -> int:
+    """Replace every SAM image-encoder ``Attention`` inside ``module`` (in place) by one
+    sharing its parameters: ``SDPAttention`` ("sdpa") or the Triton kernel's
+    ``fused_attention.FlashRelPosAttention`` ("flash"; attention without relative positions
+    goes to SDPA). Returns how many were replaced.
 
     Only for module trees the caller owns (the torch backend's inference copy).
     """
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"kind: expected one of {ATTENTION_KINDS}, got {kind!r}")
+    if kind == "flash":
+        from .fused_attention import FlashRelPosAttention
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Attention):
-                setattr(parent, name, SDPAttention(child))
+                flash = kind == "flash" and child.use_rel_pos
+                setattr(parent, name, FlashRelPosAttention(child) if flash else SDPAttention(child))
                 replaced += 1
     return replaced

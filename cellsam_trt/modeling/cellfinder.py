@@ -59,6 +59,11 @@ def sine_embed_2d(pos: Tensor, num_feats: int) -> Tensor:
     return torch.cat((sine_embed_1d(pos[..., 1], num_feats), sine_embed_1d(pos[..., 0], num_feats)), dim=-1)
 
 
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    # no cast at all when the type is already right: float32 graphs trace as before
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
@@ -238,11 +243,12 @@ class AnchorTransformer(nn.Module):
     def forward(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """src (B, C, H, W) -> logits (B, P*Q, classes), boxes (B, P*Q, 4) cxcywh in [0, 1]."""
         bs, c, h, w = src.shape
+        dtype = src.dtype  # the weights' type; positions and boxes are computed in float32
         # Normalised centres of rows/columns: what the all-False padding mask gives.
         rows = (torch.arange(1, h + 1, dtype=torch.float32, device=src.device) - 0.5) / h
         cols = (torch.arange(1, w + 1, dtype=torch.float32, device=src.device) - 0.5) / w
-        posemb_row = self.adapt_pos1d(sine_embed_1d(cols, c)).expand(bs, w, c)
-        posemb_col = self.adapt_pos1d(sine_embed_1d(rows, c)).expand(bs, h, c)
+        posemb_row = self.adapt_pos1d(_as(sine_embed_1d(cols, c), dtype)).expand(bs, w, c)
+        posemb_col = self.adapt_pos1d(_as(sine_embed_1d(rows, c), dtype)).expand(bs, h, c)
 
         for layer in self.encoder_layers:
             src = layer(src, posemb_row, posemb_col)
@@ -251,28 +257,35 @@ class AnchorTransformer(nn.Module):
         key_row = memory + posemb_row.unsqueeze(1)
         key_col = memory + posemb_col.unsqueeze(2)
 
-        reference = self.position.weight.unsqueeze(0).repeat(bs, self.num_patterns, 1)
+        reference = _as(self.position.weight, torch.float32).unsqueeze(0).repeat(bs, self.num_patterns, 1)
         tgt = (
             self.pattern.weight.reshape(1, self.num_patterns, 1, c)
             .repeat(bs, 1, self.num_queries, 1)
             .reshape(bs, self.num_patterns * self.num_queries, c)
         )
-        query_pos = self.adapt_pos2d(sine_embed_2d(reference, c // 2))
-        query_pos_x = self.adapt_pos1d(sine_embed_1d(reference[..., 0], c))
-        query_pos_y = self.adapt_pos1d(sine_embed_1d(reference[..., 1], c))
+        query_pos = self.adapt_pos2d(_as(sine_embed_2d(reference, c // 2), dtype))
+        query_pos_x = self.adapt_pos1d(_as(sine_embed_1d(reference[..., 0], c), dtype))
+        query_pos_y = self.adapt_pos1d(_as(sine_embed_1d(reference[..., 1], c), dtype))
         for layer in self.decoder_layers:
             tgt = layer(tgt, query_pos, query_pos_x, query_pos_y, key_row, key_col, memory)
 
         # Only the last decoder layer's predictions are used at inference.
         logits = self.class_embed[-1](tgt)
-        deltas = self.bbox_embed[-1](tgt)
+        deltas = _as(self.bbox_embed[-1](tgt), torch.float32)
         centre = deltas[..., :2] + inverse_sigmoid(reference)
         boxes = torch.cat((centre, deltas[..., 2:]), dim=-1).sigmoid()
         return logits, boxes
 
 
 class CellFinder(nn.Module):
-    """The released ``decode_head``: image (B,3,S,S) -> (logits (B,Q,2), boxes (B,Q,4) cxcywh)."""
+    """The released ``decode_head``: image (B,3,S,S) -> (logits (B,Q,2), boxes (B,Q,4) cxcywh).
+
+    Runs in its weights' floating type (the image is given in that type); the boxes come out
+    in float32 whatever it is. ``FLOAT32_PARAMETERS`` stay float32 in a reduced-precision copy:
+    the anchors, which a 16-bit type would move by up to 2 pixels of a 1024 image.
+    """
+
+    FLOAT32_PARAMETERS = ("transformer.position.weight",)
 
     def __init__(self, cfg: CellFinderConfig) -> None:
         super().__init__()

@@ -37,21 +37,17 @@ here can run (also without a CUDA device, unless Triton's interpreter is on:
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor, nn
 
 from .decoder import BoxDecoder, attend, head_weights
+from .triton_kernels import STORAGE, tl, triton, triton_unavailable
 
-try:  # optional: without triton the module imports and says why the fused decoder cannot run
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = tl = None
+if triton is not None:
+    from .triton_kernels import storage_dot
 
 TOKEN_ROWS = 8  # rows per head: T = 7 prompt tokens, padded to a power of two
-STORAGE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # what the self-check allows between the fused and the eager decoder, per storage type:
 # (mask logits, IoU) max abs difference on a few steered boxes
 SELF_CHECK_TOLERANCE = {torch.float32: (1e-3, 1e-4), torch.bfloat16: (0.5, 0.05), torch.float16: (0.1, 0.01)}
@@ -60,13 +56,7 @@ SELF_CHECK_TOLERANCE = {torch.float32: (1e-3, 1e-4), torch.bfloat16: (0.5, 0.05)
 def fused_decoder_unavailable(device: torch.device | str) -> str | None:
     """Why the fused decoder cannot run on ``device`` (a sentence), or None when it can:
     triton must import, and the device be CUDA (or the interpreter be on: TRITON_INTERPRET=1)."""
-    device = torch.device(device)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type != "cuda" and not interpreted:
-        return f"the fused decoder's Triton kernels need a CUDA device, not {device}"
-    if triton is None:
-        return "triton is not installed (pip install triton)"
-    return None
+    return triton_unavailable(device, "the fused decoder (Triton kernels)")
 
 
 def _kernels() -> dict:
@@ -78,21 +68,10 @@ def _kernels() -> dict:
 
 if triton is not None:
     @triton.jit
-    def _dot(a, b, STORE: tl.constexpr):
-        # float32 storage: IEEE products (a GPU would use TF32 otherwise); 16-bit storage:
-        # products in that type on the tensor cores, accumulated in float32
-        if STORE == 0:
-            return tl.dot(a, b, input_precision="ieee")
-        elif STORE == 1:
-            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
-        else:
-            return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
-
-    @triton.jit
     def _small_mm(a, b, DOT: tl.constexpr, STORE: tl.constexpr):
         # tl.dot needs every side >= 16; the tiny test architecture has narrower matrices
         if DOT:
-            return _dot(a, b, STORE)
+            return storage_dot(a, b, STORE)
         else:
             return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
@@ -120,7 +99,7 @@ if triton is not None:
         if ADD_PE:
             q += tl.load(pe_ptr + rows[:, None] * CQ + cq[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
         m = tl.load(m_ptr + n * R * CQ + r[:, None] * CQ + cq[None, :])  # (R, CQ)
-        scores = _dot(q, tl.trans(m), STORE) + tl.load(bias_ptr + n * R + r)[None, :]  # (BL, R)
+        scores = storage_dot(q, tl.trans(m), STORE) + tl.load(bias_ptr + n * R + r)[None, :]  # (BL, R)
         token = r % 8
         scores = tl.where((token < T)[None, :], scores, float("-inf"))
         grouped = tl.reshape(scores, (BL, HEADS, 8))
@@ -128,7 +107,7 @@ if triton is not None:
         grouped = grouped / tl.sum(grouped, axis=2)[:, :, None]
         attn = tl.reshape(grouped, (BL, R))
         pv = tl.load(pv_ptr + n * R * C + r[:, None] * C + c[None, :])  # (R, C), zero rows for the padding
-        x = _dot(attn, pv, STORE) + tl.load(bo_ptr + c)[None, :]
+        x = storage_dot(attn, pv, STORE) + tl.load(bo_ptr + c)[None, :]
         x += tl.load(res_ptr + n * res_box_stride + rows[:, None] * C + c[None, :], mask=inside[:, None],
                      other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / C
@@ -157,13 +136,13 @@ if triton is not None:
             x = tl.load(x_ptr + n * L * C + rows[:, None] * C + c[None, :], mask=inside[:, None], other=0.0)
             x = x.to(tl.float32)
             k = x + tl.load(pe_ptr + rows[:, None] * C + c[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-            s = _dot(g, tl.trans(k), STORE)  # (R, BL)
+            s = storage_dot(g, tl.trans(k), STORE)  # (R, BL)
             s = tl.where(inside[None, :], s, float("-inf"))
             new_best = tl.maximum(best, tl.max(s, axis=1))
             scale = tl.exp(best - new_best)
             p = tl.exp(s - new_best[:, None])
             total = total * scale + tl.sum(p, axis=1)
-            acc = acc * scale[:, None] + _dot(p, x, STORE)
+            acc = acc * scale[:, None] + storage_dot(p, x, STORE)
             best = new_best
         tl.store(out_ptr + n * R * C + r[:, None] * C + c[None, :], acc / total[:, None])
 

@@ -5,12 +5,14 @@ import contextlib
 import copy
 import itertools
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..modeling import CellSAMNetwork
-from ..modeling.attention import use_sdpa
+from ..modeling.attention import use_fused_attention
+from ..modeling.cellfinder import CellFinder
 from ..modeling.network import DecoderGraph, MaskHeadGraph
 from .base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, masks_of_kept, release_cached_memory
 
@@ -43,32 +45,38 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def inference_copy(module: nn.Module, device: torch.device | str) -> nn.Module:
+def inference_copy(module: nn.Module, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                   keep_float32: Callable[[str], bool] | None = None) -> nn.Module:
     """``module`` for inference on ``device``, leaving the caller's module untouched.
 
-    A new module tree in eval mode whose float parameters and buffers are float32 on
-    ``device``. Tensors that already are float32 on ``device`` are shared, not copied (no
-    memory cost, and later in-place weight updates of the caller show through); the others
-    are copied there once each (tied weights stay tied). The caller's tensors keep their
-    device, dtype and identity, and its modules keep their training flag: ``.to()`` and
-    ``.eval()`` on the caller's module would change both behind its back.
+    A new module tree in eval mode whose float parameters and buffers are ``dtype`` on
+    ``device`` (float32 by default; those whose qualified name ``keep_float32`` accepts stay
+    float32). Tensors that already are on ``device`` in their target dtype are shared, not
+    copied (no memory cost, and later in-place weight updates of the caller show through);
+    the others are copied there once each (tied weights stay tied). The caller's tensors keep
+    their device, dtype and identity, and its modules keep their training flag: ``.to()``
+    and ``.eval()`` on the caller's module would change both behind its back.
     """
     device = torch.device(device)
+    names = {id(t): name for name, t in itertools.chain(module.named_parameters(remove_duplicate=False),
+                                                        module.named_buffers(remove_duplicate=False))}
     memo: dict[int, object] = {}
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         if id(tensor) in memo:
             continue
-        dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
-        if tensor.device == device and tensor.dtype == dtype:
+        target = tensor.dtype
+        if tensor.is_floating_point():
+            target = torch.float32 if keep_float32 is not None and keep_float32(names[id(tensor)]) else dtype
+        if tensor.device == device and tensor.dtype == target:
             memo[id(tensor)] = tensor  # shared
             continue
-        moved = tensor.detach().to(device=device, dtype=dtype)
+        moved = tensor.detach().to(device=device, dtype=target)
         memo[id(tensor)] = nn.Parameter(moved, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else moved
     return copy.deepcopy(module, memo).eval()
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-ATTENTIONS = ("sdpa", "eager")
+ATTENTIONS = ("sdpa", "flash", "eager")
 DECODERS = ("auto", "fused", "eager")
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,13 +88,19 @@ class TorchBackend(Backend):
         network: loaded weights; left as it is (the parts that run are used through
             ``inference_copy``: shared when already float32 on ``device``, else copied).
         device: torch device (default: CUDA if available).
-        precision: "fp32" (default); "bf16" (autocast to bfloat16, CPU or a CUDA GPU that
-            supports it) or "fp16" (CUDA autocast) for speed at an accuracy cost that
-            ``cellsam-trt bench`` measures (``accuracy.precision_agreement``).
+        precision: "fp32" (default); "bf16" (bfloat16, CPU or a CUDA GPU that supports it) or
+            "fp16" (CUDA only) for speed at an accuracy cost that ``cellsam-trt bench``
+            measures (``accuracy.precision_agreement``). The image encoder and CellFinder then
+            run end to end in that type: their copies' weights are converted once, the images
+            enter in it and the outputs leave as float32 (CellFinder's anchors and box
+            arithmetic stay float32); the eager decoder runs under autocast, the fused one
+            in its own storage type.
         attention: "sdpa" (default) runs the image encoders' attention on PyTorch's fused
-            ``scaled_dot_product_attention`` (``modeling.attention``); "eager" keeps SAM's
-            written-out softmax. Same labels; the fused kernel does not keep the
-            (heads, L, L) scores and their softmax.
+            ``scaled_dot_product_attention`` with the relative-position term as its additive
+            mask (``modeling.attention``); "flash": the Triton kernel that adds the term
+            inside its key loop (``modeling.fused_attention``, CUDA; a BackendError says why
+            where it cannot run or fails its start-up check against SDPA), so no (heads, L,
+            L) tensor is stored; "eager" keeps SAM's written-out softmax. Same labels.
         compile: ``torch.compile`` the three modules (opt-in: the first call of each shape
             pays the compilation; ``cellsam-trt bench`` reports that cost).
         cuda_graphs: replay the box decoder from CUDA graphs (opt-in, CUDA only): one graph
@@ -128,13 +142,20 @@ class TorchBackend(Backend):
         self.attention = attention
         self.config = network.config
         self.adapted_inputs = network.uses_model_cp
+        self.encoder_dtype = STORAGE_DTYPES[precision]
         # only the graphs that run go to the device: with model_cp, ``network.model``'s SAM
         # (a whole ViT, 0.37 GB at ViT-B size) is never used
-        parts = inference_copy(nn.ModuleDict(network.graphs()), self.device)
-        if attention == "sdpa":
-            use_sdpa(parts)  # our copy's tree: the caller's modules keep SAM's attention
-        self.image_encoder = parts["encoder"]
-        self.cellfinder_module = parts["cellfinder"]
+        graphs = network.graphs()
+        self.image_encoder = inference_copy(graphs["encoder"], self.device, self.encoder_dtype)
+        self.cellfinder_module = inference_copy(graphs["cellfinder"], self.device, self.encoder_dtype,
+                                                keep_float32=CellFinder.FLOAT32_PARAMETERS.__contains__)
+        # the two decoder graphs share one BoxDecoder: one copy of both keeps it shared
+        parts = inference_copy(nn.ModuleDict({k: graphs[k] for k in ("decoder", "mask_head")}), self.device)
+        if attention != "eager":  # our copies' trees: the caller's modules keep SAM's attention
+            if attention == "flash":
+                self._check_flash_attention()
+            for encoder in (self.image_encoder, self.cellfinder_module):
+                use_fused_attention(encoder, attention)
         self.box_decoder = parts["decoder"].box_decoder  # the BoxDecoder both decoder graphs run
         self.decoder_graph, self.mask_head_graph = parts["decoder"], parts["mask_head"]
         self.fused_decoder = self._fused_decoder(decoder)
@@ -182,21 +203,29 @@ class TorchBackend(Backend):
         log.info("decoder: the eager decoder runs, because %s", reason)
         return None
 
+    def _check_flash_attention(self) -> None:
+        from ..modeling.fused_attention import flash_attention_unavailable, self_check
+
+        vit = self.config.sam.encoder
+        reason = flash_attention_unavailable(self.device) or self_check(self.device, self.encoder_dtype,
+                                                                         vit.embed_dim, vit.num_heads)
+        if reason is not None:
+            raise BackendError(f"attention='flash': {reason}; use attention='sdpa' (the default)")
+
     def _context(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
+    # the encoders run in their copies' type, end to end: no autocast around them
     @torch.inference_mode()
     def encoder(self, images: Tensor) -> Tensor:
-        with self._context():
-            return self.image_encoder(images.to(self.device)).float()
+        return self.image_encoder(images.to(self.device, self.encoder_dtype)).float()
 
     @torch.inference_mode()
     def cellfinder(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        with self._context():
-            logits, boxes = self.cellfinder_module(images.to(self.device))
+        logits, boxes = self.cellfinder_module(images.to(self.device, self.encoder_dtype))
         return logits.float(), boxes.float()
 
     @torch.inference_mode()
