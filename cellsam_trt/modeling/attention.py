@@ -7,7 +7,7 @@ ViT-B (L = 64 x 64) that is 0.8 GB per tensor in float32. ``SDPAttention`` hands
 computation to PyTorch's fused kernel, with the decomposed relative-position bias as its
 additive mask, so only the bias is materialised.
 
-The torch backend swaps it in on its own copy of the modules (``use_fused_attention``;
+The torch backend swaps it in on its own copy of the modules (``fused_attention.use_fused_attention``;
 ``fused_attention.FlashRelPosAttention`` is the Triton kernel that adds the term inside
 instead); the parameter
 names stay ``qkv``, ``proj``, ``rel_pos_h``, ``rel_pos_w``, so state dicts are unchanged.
@@ -78,28 +78,3 @@ def relative_position_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size
     rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, size)
     bias = rel_h.reshape(b, heads, length, h, 1) + rel_w.reshape(b, heads, length, 1, w)
     return bias.reshape(b, heads, length, length)
-
-
-ATTENTION_KINDS = ("sdpa", "flash")
-
-
-def use_fused_attention(module: nn.Module, kind: str = "sdpa") -> int:
-    """Replace every SAM image-encoder ``Attention`` inside ``module`` (in place) by one
-    sharing its parameters: ``SDPAttention`` ("sdpa") or the Triton kernel's
-    ``fused_attention.FlashRelPosAttention`` ("flash"; attention without relative positions
-    goes to SDPA). Returns how many were replaced.
-
-    Only for module trees the caller owns (the torch backend's inference copy).
-    """
-    if kind not in ATTENTION_KINDS:
-        raise ValueError(f"kind: expected one of {ATTENTION_KINDS}, got {kind!r}")
-    if kind == "flash":
-        from .fused_attention import FlashRelPosAttention
-    replaced = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Attention):
-                flash = kind == "flash" and child.use_rel_pos
-                setattr(parent, name, FlashRelPosAttention(child) if flash else SDPAttention(child))
-                replaced += 1
-    return replaced

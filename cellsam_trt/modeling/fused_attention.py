@@ -18,7 +18,8 @@ softmax over key blocks, the scores never stored), so nothing (L, L) reaches mem
 - Storage follows the inputs: float32 (``tl.dot`` in IEEE float32, no TF32), or bfloat16 /
   float16 operands on the tensor cores; scores, softmax and accumulator are float32.
 
-``attention.SDPAttention`` and SAM's ``Attention`` stay the references; without triton, or
+``use_fused_attention`` puts either fused formulation in place of SAM's ``Attention`` in a
+module tree. ``attention.SDPAttention`` and SAM's ``Attention`` stay the references; without triton, or
 without a CUDA device (unless Triton's interpreter is on, ``TRITON_INTERPRET=1`` before this
 module is imported), ``flash_attention_unavailable`` says why this cannot run.
 """
@@ -28,7 +29,7 @@ import torch
 from segment_anything.modeling.image_encoder import Attention
 from torch import Tensor, nn
 
-from .attention import decomposed_rel_pos
+from .attention import SDPAttention, decomposed_rel_pos
 from .triton_kernels import STORAGE, tl, triton, triton_unavailable
 
 if triton is not None:
@@ -159,8 +160,6 @@ def self_check(device: torch.device, dtype: torch.dtype, dim: int, heads: int) -
     """None when the kernel matches ``SDPAttention`` on a probe block (one 16 x 16 global
     grid and one 14 x 14 window, random relative positions) within ``SELF_CHECK_TOLERANCE``,
     else a sentence saying by how much it did not (or what failed)."""
-    from .attention import SDPAttention
-
     probe = torch.Generator().manual_seed(0)
     worst = 0.0
     try:
@@ -180,3 +179,26 @@ def self_check(device: torch.device, dtype: torch.dtype, dim: int, heads: int) -
         return (f"the flash attention kernel differs from SDPA by {worst:.3g} on a probe block "
                 f"(allowed {SELF_CHECK_TOLERANCE[dtype]:g} in {dtype})")
     return None
+
+
+ATTENTION_KINDS = ("sdpa", "flash")
+
+
+def use_fused_attention(module: nn.Module, kind: str = "sdpa") -> int:
+    """Replace every SAM image-encoder ``Attention`` inside ``module`` (in place) by one
+    sharing its parameters: ``SDPAttention`` ("sdpa") or the Triton kernel's
+    ``FlashRelPosAttention`` ("flash"; attention without relative positions
+    goes to SDPA). Returns how many were replaced.
+
+    Only for module trees the caller owns (the torch backend's inference copy).
+    """
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"kind: expected one of {ATTENTION_KINDS}, got {kind!r}")
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Attention):
+                flash = kind == "flash" and child.use_rel_pos
+                setattr(parent, name, FlashRelPosAttention(child) if flash else SDPAttention(child))
+                replaced += 1
+    return replaced

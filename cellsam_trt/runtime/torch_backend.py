@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ..modeling import CellSAMNetwork
-from ..modeling.attention import use_fused_attention
 from ..modeling.cellfinder import CellFinder
+from ..modeling.fused_attention import use_fused_attention
 from ..modeling.network import DecoderGraph, MaskHeadGraph
 from .base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, masks_of_kept, release_cached_memory
 

@@ -5,7 +5,8 @@ import torch
 from segment_anything.modeling.image_encoder import Attention
 
 from cellsam_trt import CellSAM
-from cellsam_trt.modeling.attention import SDPAttention, use_fused_attention
+from cellsam_trt.modeling.attention import SDPAttention
+from cellsam_trt.modeling.fused_attention import use_fused_attention
 from cellsam_trt.runtime import BackendError, TorchBackend
 
 

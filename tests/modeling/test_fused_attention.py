@@ -11,11 +11,12 @@ pytest.importorskip("triton", reason="triton is not installed (the dev extra ins
 
 from segment_anything.modeling.image_encoder import Attention  # noqa: E402
 
-from cellsam_trt.modeling.attention import SDPAttention, use_fused_attention  # noqa: E402
+from cellsam_trt.modeling.attention import SDPAttention  # noqa: E402
 from cellsam_trt.modeling.fused_attention import (  # noqa: E402
     FlashRelPosAttention,
     flash_attention_unavailable,
     self_check,
+    use_fused_attention,
 )
 from cellsam_trt.runtime import BackendError, TorchBackend  # noqa: E402
 
