@@ -7,6 +7,7 @@ SAM that then supplies the embedding, prompt encoder and mask decoder) and
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -151,9 +152,15 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
     return configs[mismatches.index(min(mismatches))]
 
 
+@functools.lru_cache(maxsize=4)
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of ``config``'s layout with its shape (the empty network is built once per config)."""
+    return {k: tuple(v.shape) for k, v in _empty_network(config).state_dict().items()}
+
+
 def _mismatch(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> tuple[list[str], list[str], list[str]]:
     """(missing, unexpected, mis-shaped) keys of ``state_dict`` against ``config``'s layout."""
-    expected = {k: tuple(v.shape) for k, v in _empty_network(config).state_dict().items()}
+    expected = _expected_shapes(config)
     given = dict(state_dict)
     if not any(k.startswith("model_cp.") for k in given):
         expected = {k: s for k, s in expected.items() if not k.startswith("model_cp.")}
@@ -165,7 +172,7 @@ def _mismatch(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> tu
 
 def layout_problems(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> list[str]:
     """Human-readable list of missing, unexpected and mis-shaped keys against ``config``."""
-    expected = {k: tuple(v.shape) for k, v in _empty_network(config).state_dict().items()}
+    expected = _expected_shapes(config)
     given = dict(state_dict)
     missing, unexpected, shapes = _mismatch(state_dict, config)
     problems = []
