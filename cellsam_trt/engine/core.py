@@ -432,11 +432,10 @@ class GraphCore:
             # next chunk's first label depends on how many were kept)
             iou_host = iou.cpu()
             rows = kept_rows(iou_host, opts.iou_threshold).numpy()
-            iou_host = iou_host[:, 0].numpy()
             if on_chunk is not None:
                 on_chunk(start, next_label, mask_logits, iou, rows, windows)
             kept_index.append(rows + start)
-            kept_iou.append(iou_host[rows])
+            kept_iou.append(iou_host[rows, 0].numpy())
             next_label += len(rows)
             start += len(part)
             if bar is not None:

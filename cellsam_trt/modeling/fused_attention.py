@@ -33,7 +33,7 @@ from .attention import SDPAttention, decomposed_rel_pos
 from .triton_kernels import STORAGE, tl, triton, triton_unavailable
 
 if triton is not None:
-    from .triton_kernels import storage_dot
+    from .triton_kernels import online_softmax_step, storage_dot
 
 # what the start-up check allows between this kernel and SDPAttention, max abs difference of
 # the block's output on a probe input, per storage type
@@ -68,8 +68,8 @@ if triton is not None:
         q = q.to(tl.float32) * scale
         rel_h = rel_h_ptr + (bh * L + rows) * GRID_H  # (BLOCK_M,) row starts of the tables
         rel_w = rel_w_ptr + (bh * L + rows) * GRID_W
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, DP), tl.float32)
         for start in range(0, L, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
@@ -86,14 +86,9 @@ if triton is not None:
                 s += tl.load(rel_h[:, None] + (cols // GRID_W)[None, :], mask=both, other=0.0).to(tl.float32)
                 s += tl.load(rel_w[:, None] + (cols % GRID_W)[None, :], mask=both, other=0.0).to(tl.float32)
             s = tl.where(col_in[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(base + 2 * C + cols[:, None] * 3 * C + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + storage_dot(p, v, STORE)
-            m_i = m_new
-        out = acc / l_i[:, None]
+            best, total, acc = online_softmax_step(s, v, best, total, acc, STORE)
+        out = acc / total[:, None]
         tl.store(out_ptr + b * L * C + rows[:, None] * C + head * D + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_in[:, None] & d_in[None, :])
 
@@ -142,7 +137,6 @@ class FlashRelPosAttention(nn.Module):
         self.scale = attention.scale
         self.qkv = attention.qkv
         self.proj = attention.proj
-        self.use_rel_pos = True
         self.rel_pos_h = attention.rel_pos_h
         self.rel_pos_w = attention.rel_pos_w
 

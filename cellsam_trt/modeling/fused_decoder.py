@@ -45,7 +45,7 @@ from .decoder import BoxDecoder, attend, head_weights
 from .triton_kernels import STORAGE, tl, triton, triton_unavailable
 
 if triton is not None:
-    from .triton_kernels import storage_dot
+    from .triton_kernels import online_softmax_step, storage_dot
 
 TOKEN_ROWS = 8  # rows per head: T = 7 prompt tokens, padded to a power of two
 # what the self-check allows between the fused and the eager decoder, per storage type:
@@ -138,12 +138,7 @@ if triton is not None:
             k = x + tl.load(pe_ptr + rows[:, None] * C + c[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
             s = storage_dot(g, tl.trans(k), STORE)  # (R, BL)
             s = tl.where(inside[None, :], s, float("-inf"))
-            new_best = tl.maximum(best, tl.max(s, axis=1))
-            scale = tl.exp(best - new_best)
-            p = tl.exp(s - new_best[:, None])
-            total = total * scale + tl.sum(p, axis=1)
-            acc = acc * scale[:, None] + storage_dot(p, x, STORE)
-            best = new_best
+            best, total, acc = online_softmax_step(s, x, best, total, acc, STORE)
         tl.store(out_ptr + n * R * C + r[:, None] * C + c[None, :], acc / total[:, None])
 
     @triton.jit

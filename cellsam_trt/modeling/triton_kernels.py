@@ -1,5 +1,6 @@
 """What the Triton kernels beside the modules (``fused_decoder``, ``fused_attention``) share:
-the optional import, where they can run, and the product in a storage type.
+the optional import, where they can run, the product in a storage type and the online
+softmax step of a flash-style loop.
 
 Without triton this module still imports; ``triton`` and ``tl`` are then None and
 ``triton_unavailable`` says so.
@@ -43,3 +44,16 @@ if triton is not None:
             return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
         else:
             return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+
+    @triton.jit
+    def online_softmax_step(s, values, best, total, acc, STORE: tl.constexpr):
+        """One key block of a flash-style pass: s (M, N) float32 scores (-inf where masked),
+        values (N, D); best (M,) the running row maximum, total (M,) the running sum of
+        exponentials, acc (M, D) the running unnormalised mix. Returns the updated three;
+        the result is acc / total once every block is in."""
+        new_best = tl.maximum(best, tl.max(s, axis=1))
+        rescale = tl.exp(best - new_best)
+        p = tl.exp(s - new_best[:, None])
+        total = total * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + storage_dot(p, values, STORE)
+        return new_best, total, acc

@@ -10,9 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..modeling import CellSAMNetwork
+from ..modeling import CellSAMNetwork, fused_attention
 from ..modeling.cellfinder import CellFinder
-from ..modeling.fused_attention import use_fused_attention
 from ..modeling.network import DecoderGraph, MaskHeadGraph
 from .base import Backend, BackendError, OutOfDeviceMemory, is_out_of_memory, masks_of_kept, release_cached_memory
 
@@ -86,7 +85,8 @@ class TorchBackend(Backend):
 
     Args:
         network: loaded weights; left as it is (the parts that run are used through
-            ``inference_copy``: shared when already float32 on ``device``, else copied).
+            ``inference_copy``: shared when already in the precision's type on ``device``,
+            else copied).
         device: torch device (default: CUDA if available).
         precision: "fp32" (default); "bf16" (bfloat16, CPU or a CUDA GPU that supports it) or
             "fp16" (CUDA only) for speed at an accuracy cost that ``cellsam-trt bench``
@@ -142,12 +142,12 @@ class TorchBackend(Backend):
         self.attention = attention
         self.config = network.config
         self.adapted_inputs = network.uses_model_cp
-        self.encoder_dtype = STORAGE_DTYPES[precision]
+        self.compute_dtype = STORAGE_DTYPES[precision]  # the encoders' weights, the fused decoder's storage
         # only the graphs that run go to the device: with model_cp, ``network.model``'s SAM
         # (a whole ViT, 0.37 GB at ViT-B size) is never used
         graphs = network.graphs()
-        self.image_encoder = inference_copy(graphs["encoder"], self.device, self.encoder_dtype)
-        self.cellfinder_module = inference_copy(graphs["cellfinder"], self.device, self.encoder_dtype,
+        self.image_encoder = inference_copy(graphs["encoder"], self.device, self.compute_dtype)
+        self.cellfinder_module = inference_copy(graphs["cellfinder"], self.device, self.compute_dtype,
                                                 keep_float32=CellFinder.FLOAT32_PARAMETERS.__contains__)
         # the two decoder graphs share one BoxDecoder: one copy of both keeps it shared
         parts = inference_copy(nn.ModuleDict({k: graphs[k] for k in ("decoder", "mask_head")}), self.device)
@@ -155,7 +155,7 @@ class TorchBackend(Backend):
             if attention == "flash":
                 self._check_flash_attention()
             for encoder in (self.image_encoder, self.cellfinder_module):
-                use_fused_attention(encoder, attention)
+                fused_attention.use_fused_attention(encoder, attention)
         self.box_decoder = parts["decoder"].box_decoder  # the BoxDecoder both decoder graphs run
         self.decoder_graph, self.mask_head_graph = parts["decoder"], parts["mask_head"]
         self.fused_decoder = self._fused_decoder(decoder)
@@ -188,7 +188,7 @@ class TorchBackend(Backend):
         reason = fused_decoder_unavailable(self.device)
         fused = None
         if reason is None:
-            fused = FusedBoxDecoder(self.box_decoder, dtype=STORAGE_DTYPES[self.precision])
+            fused = FusedBoxDecoder(self.box_decoder, dtype=self.compute_dtype)
             grid = self.config.sam.encoder.grid_size
             probe = torch.Generator().manual_seed(0)
             embedding = torch.randn((1, self.config.sam.prompt_embed_dim, grid, grid), generator=probe).to(self.device)
@@ -204,28 +204,25 @@ class TorchBackend(Backend):
         return None
 
     def _check_flash_attention(self) -> None:
-        from ..modeling.fused_attention import flash_attention_unavailable, self_check
-
         vit = self.config.sam.encoder
-        reason = flash_attention_unavailable(self.device) or self_check(self.device, self.encoder_dtype,
-                                                                         vit.embed_dim, vit.num_heads)
+        reason = fused_attention.flash_attention_unavailable(self.device) or fused_attention.self_check(
+            self.device, self.compute_dtype, vit.embed_dim, vit.num_heads)
         if reason is not None:
             raise BackendError(f"attention='flash': {reason}; use attention='sdpa' (the default)")
 
     def _context(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     # the encoders run in their copies' type, end to end: no autocast around them
     @torch.inference_mode()
     def encoder(self, images: Tensor) -> Tensor:
-        return self.image_encoder(images.to(self.device, self.encoder_dtype)).float()
+        return self.image_encoder(images.to(self.device, self.compute_dtype)).float()
 
     @torch.inference_mode()
     def cellfinder(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        logits, boxes = self.cellfinder_module(images.to(self.device, self.encoder_dtype))
+        logits, boxes = self.cellfinder_module(images.to(self.device, self.compute_dtype))
         return logits.float(), boxes.float()
 
     @torch.inference_mode()
