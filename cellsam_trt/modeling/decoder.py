@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder
@@ -56,14 +57,40 @@ class BoxDecoder(nn.Module):
         keeping (say, boxes whose IoU passes a threshold): the mask head is most of the
         decoder's arithmetic per box.
         """
+        tokens, keys, key_pe = self.prompt_side(embedding, boxes)
+        return self.two_way(tokens, keys, key_pe, EagerImageSide(key_pe))
+
+    def two_way(self, tokens: Tensor, keys: Tensor, key_pe: Tensor, side: ImageSide) -> tuple[Tensor, Tensor, Tensor]:
+        """SAM's two-way transformer and output heads, with the per-box image side delegated.
+
+        tokens (N, T, C), keys and key_pe (1, L, C) from ``prompt_side``. The token side (self
+        attention, MLPs, norms) runs here; ``side`` computes the cross attentions whose cost
+        grows with the L image tokens, and decides how the boxes' image tokens are stored.
+        Returns ``decode_tokens``' keys (as ``side`` stores them), hyper and iou.
+        """
         decoder = self.mask_decoder
         transformer = decoder.transformer
-        tokens, keys, key_pe = self.prompt_side(embedding, boxes)
 
-        queries, keys = _first_block(transformer.layers[0], tokens, keys, key_pe)
+        # the first block: no PE on the self-attention, and the image side is still the
+        # same for every box, so its projections are computed once
+        block = transformer.layers[0]
+        queries = block.norm1(block.self_attn(q=tokens, k=tokens, v=tokens))
+        image_k = keys + key_pe
+        t2i = block.cross_attn_token_to_image
+        attn_out = attend(t2i, t2i.q_proj(queries + tokens), t2i.k_proj(image_k), t2i.v_proj(keys))
+        queries = block.norm2(queries + attn_out)
+        queries = block.norm3(queries + block.mlp(queries))
+        i2t = block.cross_attn_image_to_token
+        keys = side.first_image_update(i2t, block.norm4, i2t.q_proj(image_k), keys, queries + tokens, queries)
+
         for layer in transformer.layers[1:]:
-            queries, keys = _later_block(layer, queries, keys, tokens, key_pe)
-        attn_out = _tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
+            q = queries + tokens
+            queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
+            attn_out = side.tokens_to_image(layer.cross_attn_token_to_image, queries + tokens, keys)
+            queries = layer.norm2(queries + attn_out)
+            queries = layer.norm3(queries + layer.mlp(queries))
+            keys = side.image_update(layer.cross_attn_image_to_token, layer.norm4, keys, queries + tokens, queries)
+        attn_out = side.tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys)
         hs = transformer.norm_final_attn(queries + attn_out)
 
         hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1, :])  # (N, C / 8)
@@ -103,34 +130,40 @@ class BoxDecoder(nn.Module):
         )
 
 
-def _first_block(block: nn.Module, tokens: Tensor, keys: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
-    """SAM's first ``TwoWayAttentionBlock`` (no PE on the self-attention) with the image side
-    shared: tokens (N, T, C), keys and key_pe (1, HW, C) -> queries (N, T, C), keys (N, HW, C)."""
-    queries = block.norm1(block.self_attn(q=tokens, k=tokens, v=tokens))
-    image_k = keys + key_pe  # the same for every box in this block
+class ImageSide(Protocol):
+    """The per-box image side of ``BoxDecoder.two_way``: the cross attentions that meet the
+    L image tokens. ``EagerImageSide`` is the torch formulation; the fused decoder's runs on
+    Triton kernels. ``keys`` are the boxes' image tokens (N, L, C), stored as the side likes."""
 
-    t2i = block.cross_attn_token_to_image
-    attn_out = attend(t2i, t2i.q_proj(queries + tokens), t2i.k_proj(image_k), t2i.v_proj(keys))
-    queries = block.norm2(queries + attn_out)
-    queries = block.norm3(queries + block.mlp(queries))
+    def first_image_update(self, attention: Attention, norm: nn.LayerNorm, image_q: Tensor, keys: Tensor,
+                           tokens_k: Tensor, tokens_v: Tensor) -> Tensor:
+        """First block: norm(keys + attention(q=image, k=tokens_k, v=tokens_v)), with image_q the
+        shared query projection (1, L, D) and keys the shared (1, L, C) -> (N, L, C)."""
 
-    i2t = block.cross_attn_image_to_token
-    q = queries + tokens
-    attn_out = _image_to_tokens(i2t, i2t.q_proj(image_k), q, queries, image_projected=True)
-    return queries, block.norm4(keys + attn_out)
+    def image_update(self, attention: Attention, norm: nn.LayerNorm, keys: Tensor,
+                     tokens_k: Tensor, tokens_v: Tensor) -> Tensor:
+        """Later blocks: norm(keys + attention(q=keys + key_pe, k=tokens_k, v=tokens_v)) -> (N, L, C)."""
+
+    def tokens_to_image(self, attention: Attention, queries: Tensor, keys: Tensor) -> Tensor:
+        """attention(q=queries, k=keys + key_pe, v=keys) for the prompt tokens -> (N, T, C)."""
 
 
-def _later_block(block: nn.Module, queries: Tensor, keys: Tensor, tokens: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
-    """SAM's ``TwoWayAttentionBlock.forward`` (PE on the self-attention) with the
-    reassociated cross attentions: queries (N, T, C), keys (N, HW, C) -> the same shapes."""
-    q = queries + tokens
-    queries = block.norm1(queries + block.self_attn(q=q, k=q, v=queries))
-    attn_out = _tokens_to_image(block.cross_attn_token_to_image, queries + tokens, keys + key_pe, keys)
-    queries = block.norm2(queries + attn_out)
-    queries = block.norm3(queries + block.mlp(queries))
-    q = queries + tokens
-    attn_out = _image_to_tokens(block.cross_attn_image_to_token, keys + key_pe, q, queries, image_projected=False)
-    return queries, block.norm4(keys + attn_out)
+class EagerImageSide:
+    """``ImageSide`` in torch, with the reassociated cross attentions (``_tokens_to_image``,
+    ``_image_to_tokens``); key_pe (1, L, C) is the image's positional encoding."""
+
+    def __init__(self, key_pe: Tensor) -> None:
+        self.key_pe = key_pe
+
+    def first_image_update(self, attention, norm, image_q, keys, tokens_k, tokens_v):
+        return norm(keys + _image_to_tokens(attention, image_q, tokens_k, tokens_v, image_projected=True))
+
+    def image_update(self, attention, norm, keys, tokens_k, tokens_v):
+        image = keys + self.key_pe
+        return norm(keys + _image_to_tokens(attention, image, tokens_k, tokens_v, image_projected=False))
+
+    def tokens_to_image(self, attention, queries, keys):
+        return _tokens_to_image(attention, queries, keys + self.key_pe, keys)
 
 
 def head_weights(linear: nn.Linear, heads: int) -> Tensor:

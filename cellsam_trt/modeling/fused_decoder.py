@@ -4,7 +4,8 @@
 ``decode_tokens`` / ``mask_head`` with the work that touches a box's (L, C) image tokens
 (L = 64 x 64) in three kernels that read and write those tokens as few times as they can.
 Everything on the seven prompt tokens per box (self-attention, MLPs, projections) stays in
-torch: it is small.
+torch: it is small. Both decoders run one block driver, ``BoxDecoder.two_way``; this module
+gives it ``FusedImageSide`` where the eager decoder gives ``EagerImageSide``.
 
 - ``_image_to_tokens_kernel``: image-to-token attention, its residual add and the layer norm
   after it (norm4), for one tile of image tokens of one box: the queries (the tokens plus
@@ -41,7 +42,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .decoder import BoxDecoder, attend, head_weights
+from .decoder import BoxDecoder, head_weights
 from .triton_kernels import STORAGE, tl, triton, triton_unavailable
 
 if triton is not None:
@@ -230,37 +231,50 @@ class FusedBoxDecoder(nn.Module):
     def decode_tokens(self, embedding: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """As ``BoxDecoder.decode_tokens``: keys (N, L, C) in ``dtype``, hyper (N, C / 8) and
         iou (N, 1) float32."""
-        eager = self.eager
-        decoder = eager.mask_decoder
-        transformer = decoder.transformer
-        tokens, keys, key_pe = eager.prompt_side(embedding, boxes)  # keys (1, L, C): shared by every box
-        keys, key_pe = keys.contiguous(), key_pe.contiguous()
-
-        # first block: the image side is still the same for every box (as BoxDecoder does)
-        block = transformer.layers[0]
-        queries = block.norm1(block.self_attn(q=tokens, k=tokens, v=tokens))
-        image_k = keys + key_pe
-        t2i = block.cross_attn_token_to_image
-        attn_out = attend(t2i, t2i.q_proj(queries + tokens), t2i.k_proj(image_k), t2i.v_proj(keys))
-        queries = block.norm2(queries + attn_out)
-        queries = block.norm3(queries + block.mlp(queries))
-        i2t = block.cross_attn_image_to_token
-        shared_q = i2t.q_proj(image_k).contiguous()  # (1, L, D)
-        keys = self._image_to_tokens(i2t, block.norm4, shared_q, keys, queries + tokens, queries, first=True)
-        pe = key_pe.to(self.dtype)
-        for layer in transformer.layers[1:]:
-            q = queries + tokens
-            queries = layer.norm1(queries + layer.self_attn(q=q, k=q, v=queries))
-            attn_out = self._tokens_to_image(layer.cross_attn_token_to_image, queries + tokens, keys, pe)
-            queries = layer.norm2(queries + attn_out)
-            queries = layer.norm3(queries + layer.mlp(queries))
-            keys = self._image_to_tokens(layer.cross_attn_image_to_token, layer.norm4, keys, keys,
-                                         queries + tokens, queries, first=False, pe=pe)
-        attn_out = self._tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys, pe)
-        hs = transformer.norm_final_attn(queries + attn_out)
-        hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1, :])
-        iou = decoder.iou_prediction_head(hs[:, 0, :])[:, :1]
+        tokens, keys, key_pe = self.eager.prompt_side(embedding, boxes)  # keys (1, L, C): shared by every box
+        side = FusedImageSide(key_pe.to(self.dtype).contiguous(), self.dtype, self.block)
+        keys, hyper, iou = self.eager.two_way(tokens, keys.contiguous(), key_pe.contiguous(), side)
         return keys, hyper.float().contiguous(), iou.float()
+
+    def mask_head(self, keys: Tensor, hyper: Tensor) -> Tensor:
+        """As ``BoxDecoder.mask_head``: keys (K, L, C), hyper (K, C / 8) -> (K, 1, 4h, 4w) float32."""
+        conv1, norm, _, conv2, _ = self.eager.mask_decoder.output_upscaling
+        h, w = self.eager.prompt_encoder.image_embedding_size
+        k, length, c = keys.shape
+        c1, c2 = conv1.out_channels, conv2.out_channels
+        out = torch.empty((k, 1, 4 * h, 4 * w), device=keys.device, dtype=torch.float32)
+        if k == 0:
+            return out
+        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1).float().contiguous()
+        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2).float().contiguous()
+        grid = (k, (length + self.block - 1) // self.block)
+        _kernels()["mask_head"][grid](
+            keys.to(self.dtype).contiguous(), hyper.float().contiguous(), w1, conv1.bias.float().contiguous(),
+            norm.weight.float().contiguous(), norm.bias.float().contiguous(), w2, conv2.bias.float().contiguous(),
+            out, length, w, norm.eps, C=c, C1=c1, C2=c2, BL=self.block, DOT1=min(c, c1) >= 16,
+            DOT2=min(c1, c2) >= 16, STORE=STORAGE[self.dtype],
+        )
+        return out
+
+
+class FusedImageSide:
+    """``decoder.ImageSide`` on the Triton kernels: the boxes' image tokens stored in ``dtype``,
+    the positional encoding pe (1, L, C) in ``dtype`` added inside the kernels, ``block``
+    image tokens per program."""
+
+    def __init__(self, pe: Tensor, dtype: torch.dtype, block: int) -> None:
+        self.pe = pe
+        self.dtype = dtype
+        self.block = block
+
+    def first_image_update(self, attention, norm, image_q, keys, tokens_k, tokens_v):
+        return self._image_to_tokens(attention, norm, image_q.contiguous(), keys, tokens_k, tokens_v, first=True)
+
+    def image_update(self, attention, norm, keys, tokens_k, tokens_v):
+        return self._image_to_tokens(attention, norm, keys, keys, tokens_k, tokens_v, first=False, pe=self.pe)
+
+    def tokens_to_image(self, attention, queries, keys):
+        return self._tokens_to_image(attention, queries, keys, self.pe)
 
     def _image_to_tokens(self, attention, norm: nn.LayerNorm, image_q: Tensor, residual: Tensor,
                          tokens_k: Tensor, tokens_v: Tensor, *, first: bool, pe: Tensor | None = None) -> Tensor:
@@ -279,10 +293,8 @@ class FusedBoxDecoder(nn.Module):
         projected_v = _pad_heads(v @ wo, heads).contiguous()  # (N, 8H, C)
         if first:
             # scores_h = q_h k_h^T / sqrt(d): the rows of head h see only its d columns of q
-            m = torch.zeros(n, heads, t, heads, d, device=k.device, dtype=k.dtype)
-            for h in range(heads):
-                m[:, h, :, h] = k[:, h] / math.sqrt(d)
-            m = m.reshape(n, heads, t, heads * d)
+            eye = torch.eye(heads, device=k.device, dtype=k.dtype).reshape(1, heads, 1, heads, 1)
+            m = ((k / math.sqrt(d)).unsqueeze(3) * eye).reshape(n, heads, t, heads * d)  # block diagonal
             bias = torch.zeros(n, heads, t, device=k.device, dtype=k.dtype)
         else:
             m = (k @ head_weights(attention.q_proj, heads)) / math.sqrt(d)  # (N, H, T, C)
@@ -318,26 +330,6 @@ class FusedBoxDecoder(nn.Module):
         wv = head_weights(attention.v_proj, heads).transpose(1, 2)  # (H, C, d)
         out = mixed @ wv + attention.v_proj.bias.reshape(heads, 1, d)
         return attention.out_proj(out.transpose(1, 2).reshape(n, t, heads * d))
-
-    def mask_head(self, keys: Tensor, hyper: Tensor) -> Tensor:
-        """As ``BoxDecoder.mask_head``: keys (K, L, C), hyper (K, C / 8) -> (K, 1, 4h, 4w) float32."""
-        conv1, norm, _, conv2, _ = self.eager.mask_decoder.output_upscaling
-        h, w = self.eager.prompt_encoder.image_embedding_size
-        k, length, c = keys.shape
-        c1, c2 = conv1.out_channels, conv2.out_channels
-        out = torch.empty((k, 1, 4 * h, 4 * w), device=keys.device, dtype=torch.float32)
-        if k == 0:
-            return out
-        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1).float().contiguous()
-        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2).float().contiguous()
-        grid = (k, (length + self.block - 1) // self.block)
-        _kernels()["mask_head"][grid](
-            keys.to(self.dtype).contiguous(), hyper.float().contiguous(), w1, conv1.bias.float().contiguous(),
-            norm.weight.float().contiguous(), norm.bias.float().contiguous(), w2, conv2.bias.float().contiguous(),
-            out, length, w, norm.eps, C=c, C1=c1, C2=c2, BL=self.block, DOT1=min(c, c1) >= 16,
-            DOT2=min(c1, c2) >= 16, STORE=STORAGE[self.dtype],
-        )
-        return out
 
 
 def work_per_box(eager: BoxDecoder, storage_bytes: int = 4) -> dict[str, float]:
