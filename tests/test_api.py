@@ -208,6 +208,23 @@ def test_cuda_matches_cpu(steered_tiny, cell_image, finder_result, no_tf32):
     assert out["f1"] >= 0.95 and out["iou_mean"] >= 0.99 and out["foreground_agreement"] >= 0.999, out
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk_size", [1, 7])
+def test_cuda_chunks_give_the_labels_of_one_call(steered_tiny, cell_image, no_tf32, chunk_size):
+    # each chunk's IoU comes back without blocking while its masks are painted: a chunk
+    # read before its copy landed would keep the wrong rows and number the cells wrongly
+    from cellsam_trt.dev.accuracy import label_agreement
+
+    session = CellSAM.from_network(steered_tiny, device="cuda")
+    boxes = user_boxes(40, *cell_image.shape[:2])
+    whole, one_call = session.segment(cell_image, boxes=boxes, chunk_size=64, return_details=True)
+    chunked, details = session.segment(cell_image, boxes=boxes, chunk_size=chunk_size, return_details=True)
+    out = label_agreement(whole, chunked)
+    assert out["reference_cells"] >= 3, out
+    assert out["f1"] >= 0.95 and out["foreground_agreement"] >= 0.999, out
+    assert abs(len(details.iou) - len(one_call.iou)) <= 1
+
+
 class _SmallMemoryBackend:
     """Wraps a backend; its decoder 'runs out of memory' above ``limit`` boxes."""
 

@@ -170,11 +170,12 @@ def test_cli_resumes_a_stack_frame_by_frame(checkpoint, frames, alone, tmp_path,
     np.save(tmp_path / "movie.npy", np.stack([frames[0][..., 1], frames[1][..., 1], frames[0][..., 1]]))
     out = tmp_path / "out"
     real = stack_module.segment_frames
-    seen = []
+    seen, largest_seen = [], []
 
     def interrupted(session, read, indices, **kwargs):
         for result in real(session, read, indices, **kwargs):
             seen.append(result[0])
+            largest_seen.append(int(result[1].max()))
             yield result
             if len(seen) == 2:
                 raise RuntimeError("killed")
@@ -183,6 +184,10 @@ def test_cli_resumes_a_stack_frame_by_frame(checkpoint, frames, alone, tmp_path,
     assert run_cli(tmp_path / "movie.npy", "-o", out, "--checkpoint", checkpoint, "--axes", "TYX",
                    "--batch-size", "1") == 1
     assert "killed" in capsys.readouterr().err and not (out / "movie_labels.tif").exists()
+    saved = out / ".movie_labels.tif.frames"
+    largest = sorted(saved.glob("frame_*.max"))
+    assert [int(f.read_text()) for f in largest] == largest_seen
+    largest[0].unlink()  # as a run before the largest labels were kept would have left it
 
     monkeypatch.setattr(stack_module, "segment_frames", lambda *a, **k: (seen.append(r[0]) or r for r in real(*a, **k)))
     seen.clear()

@@ -442,10 +442,21 @@ def _segment_stack(session: Any, array: Any, layout: Any, outputs: Outputs, args
                 if outputs.cells is not None:
                     rows = [[*index, *row] for row in cell_rows(labels, details)]
                     atomic_write(frame_file(index, ".csv"), partial(_write_rows, rows=rows))
+                # the largest label picks the file's integer type: kept beside the frame, so
+                # the stack is not read twice to learn it (saved first: a frame is done when
+                # its .npy is there)
+                atomic_write(frame_file(index, ".max"), partial(_write_text, text=str(int(labels.max(initial=0)))))
                 atomic_write(frame_file(index, ".npy"), partial(np.save, arr=labels))
                 bar.update(1)
     finally:
         bar.close()
+
+    def largest_label(index: tuple[int, ...]) -> int:
+        saved = frame_file(index, ".max")
+        if saved.exists():
+            return int(saved.read_text())
+        # a frame saved by an older run: read its labels once more
+        return int(np.load(frame_file(index, ".npy"), mmap_mode="r").max(initial=0))
 
     def write_table(tmp):
         with open(tmp, "w", newline="") as fh:
@@ -471,12 +482,16 @@ def _segment_stack(session: Any, array: Any, layout: Any, outputs: Outputs, args
             from .pictures import overlay, write_png
 
             write_png(outputs.overlay, overlay(first, np.load(frame_file(indices[0], ".npy"))))
-        # frames are numbered 1..K_f each, so the largest label is the largest frame's count
-        largest = max(int(np.load(frame_file(index, ".npy"), mmap_mode="r").max()) for index in indices)
+        largest = max(largest_label(index) for index in indices)
         write_label_stack_tiff(outputs.labels, frames(), layout.stack_shape + layout.plane_shape,
                                stack_letters + "YX", dtype=label_file_dtype(largest, outputs.label_dtype))
     shutil.rmtree(frames_dir, ignore_errors=True)
     return cells
+
+
+def _write_text(path: str, *, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
 
 
 def _write_rows(path: str, *, rows: list[list]) -> None:

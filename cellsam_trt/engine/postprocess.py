@@ -163,13 +163,14 @@ class MaskPainter:
 
         sizes = torch.stack([y1 - y0 + 1, x1 - x0 + 1, k1 - k0 + 1, j1 - j0 + 1], dim=1)
         sizes = torch.where(nonempty[:, None] & (y1 >= y0)[:, None] & (x1 >= x0)[:, None], sizes, 0)
-        sizes_host = sizes.cpu().numpy()
+        # one download per call: the windows' sizes decide the groups, their origins the result
+        host = torch.cat([sizes, torch.stack([y0, x0, k0, j0], dim=1)], dim=1).cpu().numpy()
+        sizes_host, origin = host[:, :4], host[:, 4:]
         order = np.argsort(sizes_host[:, 0] * sizes_host[:, 1], kind="stable")
         order = order[(sizes_host[order, 0] > 0) & (sizes_host[order, 1] > 0)]
         windows = (y0, x0, k0, j0)
         for group in _groups(order, sizes_host, self.budget):
             self._paint_group(logits, labels, windows, sizes_host, group)
-        origin = torch.stack([y0, x0, k0, j0], dim=1).cpu().numpy()
         painted = np.zeros((n, 8), np.int64)
         painted[order] = np.stack([origin[order, 0], origin[order, 0] + sizes_host[order, 0],
                                    origin[order, 1], origin[order, 1] + sizes_host[order, 1],
