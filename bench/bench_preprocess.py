@@ -32,6 +32,7 @@ from cellsam_trt.dev.steering import steer_random_network
 from cellsam_trt.dev.synthetic import bench_image
 from cellsam_trt.engine import device_preprocess as dp
 from cellsam_trt.engine import preprocess as pre
+from cellsam_trt.engine.core import synchronized_stage
 from cellsam_trt.modeling.checkpoint import random_network
 from cellsam_trt.modeling.config import ModelConfig
 
@@ -59,20 +60,12 @@ def host_path(formatted: np.ndarray, size: int, method: str, times: dict[str, li
 
 
 def device_path(formatted: np.ndarray, device: torch.device, size: int, times: dict[str, list[float]]) -> None:
-    class Step:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def __enter__(self):
-            self.t0 = time.perf_counter()
-
-        def __exit__(self, *exc):
-            sync(device)
-            times[f"device-torch.{self.name}"].append(time.perf_counter() - self.t0)
+    def step(name: str):
+        return synchronized_stage(lambda: sync(device), times[f"device-torch.{name}"].append)
 
     sync(device)
     t0 = time.perf_counter()
-    dp.model_inputs(formatted, device, size, True, stage=Step)
+    dp.model_inputs(formatted, device, size, True, stage=step)
     sync(device)
     times["device-torch.total"].append(time.perf_counter() - t0)
 

@@ -98,7 +98,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """``gpu``, ``tensorrt`` and ``display`` tests run where their hardware is and skip with
+    """``gpu``, ``interpreter``, ``tensorrt`` and ``display`` tests run where their hardware is and skip with
     the reason elsewhere (before their fixtures are set up: pytest-qt's application would
     abort the process without a display)."""
     import importlib.util
@@ -106,11 +106,14 @@ def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available()
     has_tensorrt = importlib.util.find_spec("tensorrt") is not None
     display = has_display()
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     for item in items:
         if "display" in item.keywords and not display:
             item.add_marker(pytest.mark.skip(reason="no X display for napari's canvas: install Xvfb (Debian: xvfb "
                                                     "libgl1-mesa-dri, see .ci/run); pytest-xvfb then starts one"))
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch sees none)"))
+        if "interpreter" in item.keywords and not interpreted:
+            item.add_marker(pytest.mark.skip(reason="Triton's interpreter is off (TRITON_INTERPRET was set otherwise)"))
         if "tensorrt" in item.keywords and not (has_tensorrt and has_cuda):
             item.add_marker(pytest.mark.skip(reason="needs the tensorrt package and a CUDA GPU"))

@@ -15,6 +15,7 @@ typed result between each:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -142,6 +143,18 @@ class Segmented:
     details: SegmentationDetails | None
 
 
+@contextlib.contextmanager
+def synchronized_stage(synchronize: Callable[[], None], record: Callable[[float], None]):
+    """Time the block: ``record(seconds)`` once the block ended and ``synchronize()`` returned
+    (device work is asynchronous: without the wait a stage would end before its work)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        synchronize()
+        record(time.perf_counter() - started)
+
+
 class Timer:
     """Seconds per stage of one image (the backend synchronised at the end of each stage).
 
@@ -155,17 +168,8 @@ class Timer:
         self.started = time.perf_counter()
 
     def stage(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.backend.synchronize()
-                timer.add(name, time.perf_counter() - self.t0)
-
-        return _Stage()
+        """A context that adds its seconds, the device synchronised at its end, to ``name``."""
+        return synchronized_stage(self.backend.synchronize, lambda seconds: self.add(name, seconds))
 
     def add(self, name: str, seconds: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + seconds

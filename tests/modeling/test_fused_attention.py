@@ -20,9 +20,6 @@ from cellsam_trt.modeling.fused_attention import (  # noqa: E402
 )
 from cellsam_trt.runtime import BackendError, TorchBackend  # noqa: E402
 
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="Triton's interpreter is off (TRITON_INTERPRET was set otherwise)")
-
 
 def sam_attention(dim: int, heads: int, size: tuple[int, int], seed: int = 0) -> Attention:
     torch.manual_seed(seed)
@@ -38,7 +35,7 @@ def sam_attention(dim: int, heads: int, size: tuple[int, int], seed: int = 0) ->
 GRIDS = [((16, 16), 32, 2), ((14, 14), 32, 2), ((8, 12), 48, 3), ((16, 32), 64, 1), ((6, 10), 40, 2)]
 
 
-@interpreted
+@pytest.mark.interpreter
 @pytest.mark.parametrize("size, dim, heads", GRIDS, ids=["rows16", "window14", "gather12", "rows32", "head20"])
 def test_flash_equals_sams_attention_in_float32(size, dim, heads):
     sam = sam_attention(dim, heads, size)
@@ -50,7 +47,7 @@ def test_flash_equals_sams_attention_in_float32(size, dim, heads):
     assert FlashRelPosAttention(sam).state_dict().keys() == sam.state_dict().keys()
 
 
-@interpreted
+@pytest.mark.interpreter
 def test_float16_storage_stays_close_and_the_self_check_reports(monkeypatch):
     sam = sam_attention(32, 2, (14, 14))
     x = torch.randn(2, 14, 14, 32)
@@ -66,7 +63,7 @@ def test_float16_storage_stays_close_and_the_self_check_reports(monkeypatch):
     assert "differs from SDPA" in self_check(torch.device("cpu"), torch.float32, 32, 2)
 
 
-@interpreted
+@pytest.mark.interpreter
 def test_backend_runs_flash_in_both_encoders(steered_tiny):
     backend = TorchBackend(steered_tiny, device="cpu", attention="flash")  # its start-up check passed
     for encoder in (backend.image_encoder, backend.cellfinder_module):

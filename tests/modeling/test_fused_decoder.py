@@ -19,9 +19,6 @@ from cellsam_trt.modeling.fused_decoder import (  # noqa: E402
     self_check,
 )
 
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="Triton's interpreter is off (TRITON_INTERPRET was set otherwise)")
-
 
 def box_decoder(width: int, heads: int, mlp: int, seed: int = 0) -> BoxDecoder:
     """SAM's prompt encoder and mask decoder at a given width, random weights (the decoder's
@@ -49,7 +46,7 @@ def compare(eager: BoxDecoder, fused: FusedBoxDecoder, n: int, device: str = "cp
             ((keys, got_keys), (hyper, got_hyper), (iou, got_iou), (masks, got_masks))]
 
 
-@interpreted
+@pytest.mark.interpreter
 def test_tiny_width_matches_the_eager_decoder_in_float32():
     eager = box_decoder(32, heads=2, mlp=64)
     errors = compare(eager, FusedBoxDecoder(eager), n=3)
@@ -57,7 +54,7 @@ def test_tiny_width_matches_the_eager_decoder_in_float32():
     assert max(errors) < 1e-5
 
 
-@interpreted
+@pytest.mark.interpreter
 @pytest.mark.slow
 def test_vit_b_width_matches_the_eager_decoder_in_float32():
     """The released decoder's sizes (256 channels, 8 heads, 2048-wide MLP): tl.dot everywhere."""
@@ -67,7 +64,7 @@ def test_vit_b_width_matches_the_eager_decoder_in_float32():
     assert errors[0] < 1e-4 and errors[1] < 1e-5 and errors[2] < 1e-5 and errors[3] < 1e-5
 
 
-@interpreted
+@pytest.mark.interpreter
 def test_float16_storage_stays_close_and_the_self_check_reports():
     eager = box_decoder(32, heads=2, mlp=64)
     fused = FusedBoxDecoder(eager, dtype=torch.float16)
