@@ -7,11 +7,13 @@
 #     bash bench/gpu_session.sh fetch-wheels            # -> .whl/ (git-ignored)
 #     RELEASED=~/src/cellSAM bash bench/gpu_session.sh fetch-released   # -> .released/
 # On the GPU host, in one command of under 10 minutes (every step has its own time limit,
-# so a slow step cannot take the rest down; the budget is the sum of the limits):
+# so a slow step cannot take the rest down; steps whose limits add up to more than BUDGET,
+# 590 s, are refused before any work):
 #     bash bench/gpu_session.sh tests torch bench       # CUDA tests, torch switches, latency
 #     bash bench/gpu_session.sh decoder                 # the decoder alone (another command)
 #     bash bench/gpu_session.sh preprocess stages       # device preprocessing, one call's stages
-#     bash bench/gpu_session.sh encoders                # precisions end to end, SDPA against flash attention
+#     bash bench/gpu_session.sh tests encoders preprocess   # precisions end to end, SDPA against flash
+#     STAGES_VARIANTS="fp32/flash bf16/flash" bash bench/gpu_session.sh stages   # a subset of the stage tables
 # On a CPU, to check this script itself in about two minutes (it simulates an
 # out-of-memory row in the decoder step and in the bench, which must be reported):
 #     OUT=/tmp/gpu-session SMOKE=1 bash bench/gpu_session.sh tests decoder bench
@@ -54,12 +56,6 @@ else
     export PYTHONPATH=$PWD
 fi
 
-{
-    date -u +%FT%TZ
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 || echo "no nvidia-smi"
-    $PY -c "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-} >> "$OUT/machine.txt"
-
 RELEASED=${RELEASED:-.released}
 if [ -n "$SMOKE" ]; then
     # ViT-B even here (the released code builds nothing smaller), on a 128 x 128 crop
@@ -72,7 +68,7 @@ if [ -n "$SMOKE" ]; then
     STACK_ARGS="--frames 2 --side 128 --rounds 1 --batch-size 2"
     INTERACTIVE_ARGS="--device cpu --on-screen 0,10 --repeats 2"
     STAGES_ARGS="--config tiny --device cpu --size 256"
-    STAGES_VARIANTS="fp32/sdpa bf16/sdpa"
+    STAGES_VARIANTS=${STAGES_VARIANTS:-"fp32/sdpa bf16/sdpa"}
     ENCODERS_ARGS="--smoke --backends torch-fp32,torch-bf16,torch-fp32-flash"
     PREPROCESS_ARGS="--device cpu --sizes 256 --repeats 2 --labels --config tiny"
     # one row of each kind runs out of memory, as SAM's decoder call at N = 3500 does on an
@@ -108,7 +104,7 @@ else
     STACK_ARGS="--device cuda --config cellsam-vit-b --backend torch --frames 16 --side 512 --batch-size 8"
     # 1000 user boxes on a 1024 x 1024 image, the call's stages (fused decoder: the default on CUDA)
     STAGES_ARGS="--config cellsam-vit-b --device cuda --size 1024 --user-boxes 1000"
-    STAGES_VARIANTS="fp32/sdpa fp32/flash bf16/sdpa bf16/flash"
+    STAGES_VARIANTS=${STAGES_VARIANTS:-"fp32/sdpa fp32/flash bf16/sdpa bf16/flash"}
     # host preprocessing against its torch port on the GPU (and cuCIM's CLAHE where its wheel
     # travelled), three sizes, then the labels of whole ViT-B calls with each
     PREPROCESS_ARGS="--device cuda --sizes 512,1024,2048 --repeats 10 --labels --config cellsam-vit-b"
@@ -117,6 +113,46 @@ else
     INTERACTIVE_ARGS="--device cuda --config cellsam-vit-b --on-screen 0,10,100,1000 --repeats 5
                       $( [ -d "${RELEASED:-.released}/sample_imgs" ] && echo --released "${RELEASED:-.released}" )"
 fi
+
+# the most seconds a step can take: its limit, once per run it makes
+limit_of() {
+    case $1 in
+        tests) echo "$LIMIT_TESTS" ;;
+        torch) echo "$LIMIT_TORCH" ;;
+        profile) echo $((2 * LIMIT_DECODER)) ;;
+        suite) echo "$LIMIT_SUITE" ;;
+        decoder) echo $((2 * LIMIT_DECODER)) ;;
+        bench) echo "$LIMIT_BENCH" ;;
+        interactive) echo "${LIMIT_INTERACTIVE:-200}" ;;
+        stages) set -- $STAGES_VARIANTS; echo $(($# * ${LIMIT_STAGES:-90})) ;;
+        encoders) echo "${LIMIT_ENCODERS:-240}" ;;
+        preprocess) echo "${LIMIT_PREPROCESS:-150}" ;;
+        stack) echo "${LIMIT_STACK:-150}" ;;
+        *) return 1 ;;
+    esac
+}
+
+# before any work: every step known, and on the GPU host the sum of their limits inside one
+# device command (BUDGET seconds), so that no step is cut off by the command's own limit
+planned=0 plan=""
+for step in "$@"; do
+    if ! seconds=$(limit_of "$step"); then
+        echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | profile | suite | decoder | bench | encoders | interactive | stages | preprocess | stack)" >&2
+        exit 2
+    fi
+    planned=$((planned + seconds)) plan="$plan $step=${seconds}s"
+done
+if [ -z "$SMOKE" ] && [ "$planned" -gt "${BUDGET:-590}" ]; then
+    echo "gpu_session.sh: these steps may take up to ${planned} s ($plan ), over the ${BUDGET:-590}-second budget of" \
+         "one device command: run them in two commands, or lower their limits (LIMIT_STAGES=60 ...) or raise BUDGET" >&2
+    exit 2
+fi
+
+{
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 || echo "no nvidia-smi"
+    $PY -c "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+} >> "$OUT/machine.txt"
 
 status=0
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -214,8 +250,6 @@ EOF
                 $PREPROCESS_ARGS --out "$OUT/preprocess.json" ;;
         stack)  # frames per second: segment_stack against a loop of segment (bench_stack.py)
             run_step stack "${LIMIT_STACK:-150}" "$OUT/stack.log" $PY bench/bench_stack.py $STACK_ARGS --out "$OUT/stack.json" ;;
-        *)
-            echo "gpu_session.sh: unknown step '$step' (fetch-wheels | fetch-released | tests | torch | profile | suite | decoder | bench | encoders | interactive | stages | preprocess | stack)" >&2; exit 2 ;;
     esac
 done
 echo "--- summary ($OUT/summary.txt)"
