@@ -48,14 +48,6 @@ fi
 
 OUT=${OUT:?set OUT to a folder for the results}
 mkdir -p "$OUT"
-# the wheels are for the GPU host's Python; a smoke run here uses this machine's packages
-if [ -z "$SMOKE" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
-
 RELEASED=${RELEASED:-.released}
 if [ -n "$SMOKE" ]; then
     # ViT-B even here (the released code builds nothing smaller), on a 128 x 128 crop
@@ -77,8 +69,9 @@ if [ -n "$SMOKE" ]; then
     LIMIT_TESTS=600 LIMIT_SUITE=1200 LIMIT_DECODER=300 LIMIT_BENCH=600 LIMIT_TORCH=900
 else
     # seconds: "tests torch bench" stays under 10 minutes even when every step uses all of its time
+    # and the grace to stop
     LIMIT_TESTS=${LIMIT_TESTS:-100} LIMIT_SUITE=${LIMIT_SUITE:-540} LIMIT_DECODER=${LIMIT_DECODER:-240}
-    LIMIT_TORCH=${LIMIT_TORCH:-330} LIMIT_BENCH=${LIMIT_BENCH:-130}
+    LIMIT_TORCH=${LIMIT_TORCH:-315} LIMIT_BENCH=${LIMIT_BENCH:-130}
     # every torch switch on the 512 x 512 tissue crop, CellFinder path, each configuration in
     # its own process after the released per-box loop on the same GPU; a configuration that
     # fails, passes 150 s or would start after the step's budget is a row of the report.
@@ -115,21 +108,33 @@ else
 fi
 
 # the most seconds a step can take: its limit, once per run it makes
+# a step that ignores the end of its time is killed this many seconds later
+GRACE=15
+for name in BUDGET LIMIT_TESTS LIMIT_SUITE LIMIT_DECODER LIMIT_TORCH LIMIT_BENCH LIMIT_INTERACTIVE LIMIT_STAGES \
+            LIMIT_ENCODERS LIMIT_PREPROCESS LIMIT_STACK; do
+    case ${!name} in
+        *[!0-9]*) echo "gpu_session.sh: $name=${!name} is not a number of seconds" >&2; exit 2 ;;
+    esac
+done
+
+# the most seconds a step can take: its limit and the grace, once per run it makes
 limit_of() {
+    local limit runs=1
     case $1 in
-        tests) echo "$LIMIT_TESTS" ;;
-        torch) echo "$LIMIT_TORCH" ;;
-        profile) echo $((2 * LIMIT_DECODER)) ;;
-        suite) echo "$LIMIT_SUITE" ;;
-        decoder) echo $((2 * LIMIT_DECODER)) ;;
-        bench) echo "$LIMIT_BENCH" ;;
-        interactive) echo "${LIMIT_INTERACTIVE:-200}" ;;
-        stages) set -- $STAGES_VARIANTS; echo $(($# * ${LIMIT_STAGES:-90})) ;;
-        encoders) echo "${LIMIT_ENCODERS:-240}" ;;
-        preprocess) echo "${LIMIT_PREPROCESS:-150}" ;;
-        stack) echo "${LIMIT_STACK:-150}" ;;
+        tests) limit=$LIMIT_TESTS ;;
+        torch) limit=$LIMIT_TORCH ;;
+        profile) limit=$LIMIT_DECODER runs=2 ;;
+        suite) limit=$LIMIT_SUITE ;;
+        decoder) limit=$LIMIT_DECODER runs=2 ;;
+        bench) limit=$LIMIT_BENCH ;;
+        interactive) limit=${LIMIT_INTERACTIVE:-200} ;;
+        stages) limit=${LIMIT_STAGES:-90} runs=$(set -- $STAGES_VARIANTS; echo $#) ;;
+        encoders) limit=${LIMIT_ENCODERS:-240} ;;
+        preprocess) limit=${LIMIT_PREPROCESS:-150} ;;
+        stack) limit=${LIMIT_STACK:-150} ;;
         *) return 1 ;;
     esac
+    echo $((runs * (limit + GRACE)))
 }
 
 # before any work: every step known, and on the GPU host the sum of their limits inside one
@@ -143,9 +148,18 @@ for step in "$@"; do
     planned=$((planned + seconds)) plan="$plan $step=${seconds}s"
 done
 if [ -z "$SMOKE" ] && [ "$planned" -gt "${BUDGET:-590}" ]; then
-    echo "gpu_session.sh: these steps may take up to ${planned} s ($plan ), over the ${BUDGET:-590}-second budget of" \
-         "one device command: run them in two commands, or lower their limits (LIMIT_STAGES=60 ...) or raise BUDGET" >&2
+    echo "gpu_session.sh: these steps may take up to ${planned} s ($plan , each run's limit and ${GRACE} s to stop)," \
+         "over the ${BUDGET:-590}-second budget of one device command: run them in two commands, or lower their" \
+         "limits (LIMIT_STAGES=60 ...) or raise BUDGET" >&2
     exit 2
+fi
+
+# the wheels are for the GPU host's Python; a smoke run here uses this machine's packages
+if [ -z "$SMOKE" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
 fi
 
 {
@@ -162,7 +176,7 @@ note() { echo "$*" | tee -a "$OUT/summary.txt"; }
 run_step() {
     local name=$1 limit=$2 log=$3 rc
     shift 3
-    timeout --signal=TERM --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$log"
+    timeout --signal=TERM --kill-after=$GRACE "$limit" "$@" 2>&1 | tee -a "$log"
     rc=$?
     case $rc in
         0) note "$name: ok" ;;

@@ -114,6 +114,7 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch sees none)"))
         if "interpreter" in item.keywords and not interpreted:
-            item.add_marker(pytest.mark.skip(reason="Triton's interpreter is off (TRITON_INTERPRET was set otherwise)"))
+            item.add_marker(pytest.mark.skip(reason="Triton's interpreter is off (TRITON_INTERPRET is not 1: a GPU "
+                                                    "driver is present, or it was set so)"))
         if "tensorrt" in item.keywords and not (has_tensorrt and has_cuda):
             item.add_marker(pytest.mark.skip(reason="needs the tensorrt package and a CUDA GPU"))

@@ -211,8 +211,8 @@ def test_cuda_matches_cpu(steered_tiny, cell_image, finder_result, no_tf32):
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk_size", [1, 7])
 def test_cuda_chunks_give_the_labels_of_one_call(steered_tiny, cell_image, no_tf32, chunk_size):
-    # each chunk's IoU comes back without blocking while its masks are painted: a chunk
-    # read before its copy landed would keep the wrong rows and number the cells wrongly
+    # a chunk's painting runs while the next chunk is issued: the chunks must still give the
+    # cells of one call
     from cellsam_trt.dev.accuracy import label_agreement
 
     session = CellSAM.from_network(steered_tiny, device="cuda")

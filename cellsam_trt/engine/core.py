@@ -421,9 +421,10 @@ class GraphCore:
             try:
                 mask_logits, iou = backend.decoder(embedding, part, keep_iou=opts.iou_threshold,
                                                    last_call=start + len(part) >= len(boxes))
-                # the IoU's download is queued before the painting and waited for after it,
-                # so the device goes on painting while the next chunk's calls are issued
-                iou_host, wait_for_iou = _download_later(iou)
+                # one download per chunk, before the painting: the kept rows and their IoU both
+                # come from it (the next chunk's first label depends on how many were kept),
+                # and the painting's kernels then run while the next chunk is issued
+                iou_host = iou.cpu()
                 # labels follow the kept order, so chunks are painted in order
                 windows = painter.paint(mask_logits[:, 0], next_label)
             except RuntimeError as err:
@@ -435,9 +436,6 @@ class GraphCore:
                 chunk = max(1, chunk // 2)
                 log.warning("decoder ran out of device memory; retrying with %d boxes per call", chunk)
                 continue
-            # one download per chunk: the kept rows and their IoU both come from it (the
-            # next chunk's first label depends on how many were kept)
-            wait_for_iou()
             rows = kept_rows(iou_host, opts.iou_threshold).numpy()
             if on_chunk is not None:
                 on_chunk(start, next_label, mask_logits, iou, rows, windows)
@@ -452,21 +450,6 @@ class GraphCore:
         if not kept_index:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         return np.concatenate(kept_index), np.concatenate(kept_iou)
-
-
-def _download_later(values: Tensor) -> tuple[Tensor, Callable[[], None]]:
-    """A host copy of ``values`` and the call that waits until it holds them.
-
-    From a CUDA device the copy goes into pinned memory without blocking the host; elsewhere
-    it is a plain copy, complete at once.
-    """
-    if values.device.type != "cuda":
-        return values.cpu(), lambda: None
-    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    host.copy_(values, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
-    return host, copied.synchronize
 
 
 def _share(timers: Sequence[Timer], indices: Sequence[int], stage: str, seconds: float) -> None:

@@ -155,14 +155,16 @@ class EagerImageSide:
     def __init__(self, key_pe: Tensor) -> None:
         self.key_pe = key_pe
 
-    def first_image_update(self, attention, norm, image_q, keys, tokens_k, tokens_v):
+    def first_image_update(self, attention: Attention, norm: nn.LayerNorm, image_q: Tensor, keys: Tensor,
+                           tokens_k: Tensor, tokens_v: Tensor) -> Tensor:
         return norm(keys + _image_to_tokens(attention, image_q, tokens_k, tokens_v, image_projected=True))
 
-    def image_update(self, attention, norm, keys, tokens_k, tokens_v):
+    def image_update(self, attention: Attention, norm: nn.LayerNorm, keys: Tensor, tokens_k: Tensor,
+                     tokens_v: Tensor) -> Tensor:
         image = keys + self.key_pe
         return norm(keys + _image_to_tokens(attention, image, tokens_k, tokens_v, image_projected=False))
 
-    def tokens_to_image(self, attention, queries, keys):
+    def tokens_to_image(self, attention: Attention, queries: Tensor, keys: Tensor) -> Tensor:
         return _tokens_to_image(attention, queries, keys + self.key_pe, keys)
 
 

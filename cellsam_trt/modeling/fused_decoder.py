@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 
 import torch
+from segment_anything.modeling.transformer import Attention
 from torch import Tensor, nn
 
 from .decoder import BoxDecoder, head_weights
@@ -267,13 +268,18 @@ class FusedImageSide:
         self.dtype = dtype
         self.block = block
 
-    def first_image_update(self, attention, norm, image_q, keys, tokens_k, tokens_v):
+    def first_image_update(self, attention: Attention, norm: nn.LayerNorm, image_q: Tensor, keys: Tensor,
+                           tokens_k: Tensor, tokens_v: Tensor) -> Tensor:
+        """image_q (1, L, D) and keys (1, L, C) shared by every box -> (N, L, C) in ``dtype``."""
         return self._image_to_tokens(attention, norm, image_q.contiguous(), keys, tokens_k, tokens_v, first=True)
 
-    def image_update(self, attention, norm, keys, tokens_k, tokens_v):
+    def image_update(self, attention: Attention, norm: nn.LayerNorm, keys: Tensor, tokens_k: Tensor,
+                     tokens_v: Tensor) -> Tensor:
+        """keys (N, L, C) in ``dtype`` -> the same."""
         return self._image_to_tokens(attention, norm, keys, keys, tokens_k, tokens_v, first=False, pe=self.pe)
 
-    def tokens_to_image(self, attention, queries, keys):
+    def tokens_to_image(self, attention: Attention, queries: Tensor, keys: Tensor) -> Tensor:
+        """queries (N, T, C), keys (N, L, C) in ``dtype`` -> (N, T, C)."""
         return self._tokens_to_image(attention, queries, keys, self.pe)
 
     def _image_to_tokens(self, attention, norm: nn.LayerNorm, image_q: Tensor, residual: Tensor,
@@ -293,8 +299,10 @@ class FusedImageSide:
         projected_v = _pad_heads(v @ wo, heads).contiguous()  # (N, 8H, C)
         if first:
             # scores_h = q_h k_h^T / sqrt(d): the rows of head h see only its d columns of q
-            eye = torch.eye(heads, device=k.device, dtype=k.dtype).reshape(1, heads, 1, heads, 1)
-            m = ((k / math.sqrt(d)).unsqueeze(3) * eye).reshape(n, heads, t, heads * d)  # block diagonal
+            m = torch.zeros(n, heads, t, heads, d, device=k.device, dtype=k.dtype)
+            # block diagonal: head h's rows hold its keys in its own d columns, zeros elsewhere
+            m.diagonal(dim1=1, dim2=3).copy_((k / math.sqrt(d)).permute(0, 2, 3, 1))
+            m = m.reshape(n, heads, t, heads * d)
             bias = torch.zeros(n, heads, t, device=k.device, dtype=k.dtype)
         else:
             m = (k @ head_weights(attention.q_proj, heads)) / math.sqrt(d)  # (N, H, T, C)

@@ -29,7 +29,8 @@ def test_an_unknown_step_is_refused_before_any_step_runs(tmp_path):
 def test_steps_whose_limits_exceed_one_device_command_are_refused(tmp_path):
     result, out = run(tmp_path, "tests", "encoders", "stages", "preprocess")
     assert result.returncode == 2
-    assert "850 s" in result.stderr and "stages=360s" in result.stderr and "two commands" in result.stderr
+    # each run's limit and 15 s to stop: tests 100, encoders 240, 4 stage variants of 90, preprocess 150
+    assert "955 s" in result.stderr and "stages=420s" in result.stderr and "two commands" in result.stderr
     assert not (out / "machine.txt").exists()
 
 
@@ -39,3 +40,22 @@ def test_a_plan_within_the_budget_runs_its_steps(tmp_path):
     assert "stages fp32/flash: FAILED" in (out / "summary.txt").read_text()
     assert "stages bf16/flash: FAILED" in (out / "summary.txt").read_text()
     assert result.returncode == 1
+
+
+def test_a_limit_that_is_not_a_number_is_refused(tmp_path):
+    result, out = run(tmp_path, "tests", LIMIT_TESTS="2m")
+    assert result.returncode == 2 and "LIMIT_TESTS=2m is not a number of seconds" in result.stderr
+    assert not (out / "machine.txt").exists()
+
+
+def test_wheels_are_installed_only_for_an_accepted_plan(tmp_path):
+    # the refusal comes first even where wheels wait to be installed (PYTHON=false would fail that install)
+    checkout = tmp_path / "checkout"
+    (checkout / "bench").mkdir(parents=True)
+    (checkout / "bench" / "gpu_session.sh").write_text(SCRIPT.read_text())
+    (checkout / ".whl").mkdir()
+    (checkout / ".whl" / "segment_anything-1.0-py3-none-any.whl").write_bytes(b"")
+    result = subprocess.run(["bash", str(checkout / "bench" / "gpu_session.sh"), "nonsense"], capture_output=True,
+                            text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), "PYTHON": "false"})
+    assert result.returncode == 2 and "unknown step 'nonsense'" in result.stderr

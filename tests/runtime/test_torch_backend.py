@@ -187,14 +187,11 @@ def test_the_decoder_choice_is_checked_and_said(tiny, caplog, monkeypatch, cell_
 
 
 @pytest.mark.slow
+@pytest.mark.interpreter
 def test_the_fused_decoder_gives_the_eager_labels(steered_tiny, cell_image):
-    """The whole pipeline with the Triton kernels (here in Triton's interpreter) against the eager
-    decoder, user boxes on the test image."""
-    import os
-
+    """The whole pipeline with the Triton kernels in Triton's interpreter against the eager
+    decoder, user boxes on the test image (on a GPU: tests/modeling/test_fused_decoder.py)."""
     pytest.importorskip("triton", reason="triton is not installed (the dev extra installs it)")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton's interpreter is off; the CUDA comparison is tests/modeling/test_fused_decoder.py's")
     from cellsam_trt import CellSAM
     from cellsam_trt.dev.synthetic import cell_boxes
 
