@@ -107,7 +107,9 @@ else
                       $( [ -d "${RELEASED:-.released}/sample_imgs" ] && echo --released "${RELEASED:-.released}" )"
 fi
 
-# the most seconds a step can take: its limit, once per run it makes
+# the steps' limits that are the same on a CPU and on the GPU host
+LIMIT_INTERACTIVE=${LIMIT_INTERACTIVE:-200} LIMIT_STAGES=${LIMIT_STAGES:-90} LIMIT_ENCODERS=${LIMIT_ENCODERS:-240}
+LIMIT_PREPROCESS=${LIMIT_PREPROCESS:-150} LIMIT_STACK=${LIMIT_STACK:-150}
 # a step that ignores the end of its time is killed this many seconds later
 GRACE=15
 for name in BUDGET LIMIT_TESTS LIMIT_SUITE LIMIT_DECODER LIMIT_TORCH LIMIT_BENCH LIMIT_INTERACTIVE LIMIT_STAGES \
@@ -127,11 +129,11 @@ limit_of() {
         suite) limit=$LIMIT_SUITE ;;
         decoder) limit=$LIMIT_DECODER runs=2 ;;
         bench) limit=$LIMIT_BENCH ;;
-        interactive) limit=${LIMIT_INTERACTIVE:-200} ;;
-        stages) limit=${LIMIT_STAGES:-90} runs=$(set -- $STAGES_VARIANTS; echo $#) ;;
-        encoders) limit=${LIMIT_ENCODERS:-240} ;;
-        preprocess) limit=${LIMIT_PREPROCESS:-150} ;;
-        stack) limit=${LIMIT_STACK:-150} ;;
+        interactive) limit=$LIMIT_INTERACTIVE ;;
+        stages) limit=$LIMIT_STAGES runs=$(set -- $STAGES_VARIANTS; echo $#) ;;
+        encoders) limit=$LIMIT_ENCODERS ;;
+        preprocess) limit=$LIMIT_PREPROCESS ;;
+        stack) limit=$LIMIT_STACK ;;
         *) return 1 ;;
     esac
     echo $((runs * (limit + GRACE)))
@@ -245,25 +247,25 @@ for row in report["skipped"]:
 EOF
             ;;
         interactive)  # embed once, prompt many times: full call vs prompt on the kept embedding (bench_interactive.py)
-            run_step interactive "${LIMIT_INTERACTIVE:-200}" "$OUT/interactive.log" $PY bench/bench_interactive.py \
+            run_step interactive "$LIMIT_INTERACTIVE" "$OUT/interactive.log" $PY bench/bench_interactive.py \
                 $INTERACTIVE_ARGS --out "$OUT/interactive.json"
             [ -f "$OUT/interactive.md" ] && sed -n '/^| call/,$p' "$OUT/interactive.md" >> "$OUT/summary.txt" ;;
         stages)  # one call accounted for: every stage of details.timings and what none measured (bench_stages.py)
             for variant in $STAGES_VARIANTS; do  # precision/attention
                 precision=${variant%/*} attention=${variant#*/}
-                run_step "stages $variant" "${LIMIT_STAGES:-90}" "$OUT/stages-$precision-$attention.log" \
+                run_step "stages $variant" "$LIMIT_STAGES" "$OUT/stages-$precision-$attention.log" \
                     $PY bench/bench_stages.py $STAGES_ARGS --precision "$precision" --attention "$attention" \
                     --out "$OUT/stages-$precision-$attention.json"
                 sed -n '/^| stage/,$p' "$OUT/stages-$precision-$attention.log" >> "$OUT/summary.txt"
             done ;;
         encoders)  # 1000 boxes and CellFinder's path per precision, SDPA against flash attention (bench_latency.py)
-            run_step encoders "${LIMIT_ENCODERS:-240}" "$OUT/encoders.log" $PY bench/bench_latency.py $ENCODERS_ARGS \
+            run_step encoders "$LIMIT_ENCODERS" "$OUT/encoders.log" $PY bench/bench_latency.py $ENCODERS_ARGS \
                 --out-dir "$OUT/results-encoders" ;;
         preprocess)  # the host preprocessing against the device path: times, agreement, labels (bench_preprocess.py)
-            run_step preprocess "${LIMIT_PREPROCESS:-150}" "$OUT/preprocess.log" $PY bench/bench_preprocess.py \
+            run_step preprocess "$LIMIT_PREPROCESS" "$OUT/preprocess.log" $PY bench/bench_preprocess.py \
                 $PREPROCESS_ARGS --out "$OUT/preprocess.json" ;;
         stack)  # frames per second: segment_stack against a loop of segment (bench_stack.py)
-            run_step stack "${LIMIT_STACK:-150}" "$OUT/stack.log" $PY bench/bench_stack.py $STACK_ARGS --out "$OUT/stack.json" ;;
+            run_step stack "$LIMIT_STACK" "$OUT/stack.log" $PY bench/bench_stack.py $STACK_ARGS --out "$OUT/stack.json" ;;
     esac
 done
 echo "--- summary ($OUT/summary.txt)"

@@ -276,14 +276,14 @@ class FusedImageSide:
     def image_update(self, attention: Attention, norm: nn.LayerNorm, keys: Tensor, tokens_k: Tensor,
                      tokens_v: Tensor) -> Tensor:
         """keys (N, L, C) in ``dtype`` -> the same."""
-        return self._image_to_tokens(attention, norm, keys, keys, tokens_k, tokens_v, first=False, pe=self.pe)
+        return self._image_to_tokens(attention, norm, keys, keys, tokens_k, tokens_v, first=False)
 
     def tokens_to_image(self, attention: Attention, queries: Tensor, keys: Tensor) -> Tensor:
         """queries (N, T, C), keys (N, L, C) in ``dtype`` -> (N, T, C)."""
-        return self._tokens_to_image(attention, queries, keys, self.pe)
+        return self._tokens_to_image(attention, queries, keys)
 
     def _image_to_tokens(self, attention, norm: nn.LayerNorm, image_q: Tensor, residual: Tensor,
-                         tokens_k: Tensor, tokens_v: Tensor, *, first: bool, pe: Tensor | None = None) -> Tensor:
+                         tokens_k: Tensor, tokens_v: Tensor, *, first: bool) -> Tensor:
         """norm(residual + attention(q=image (+ pe), k=tokens_k, v=tokens_v)) -> (N, L, C) in ``dtype``.
 
         ``first``: ``image_q`` is the shared (1, L, D) query projection of the first block and
@@ -314,7 +314,7 @@ class FusedImageSide:
         image_q, residual = image_q.to(self.dtype).contiguous(), residual.to(self.dtype).contiguous()
         grid = (n, (length + self.block - 1) // self.block)
         kernel[grid](
-            image_q, 0 if image_q.shape[0] == 1 else length * cq, pe if pe is not None else image_q,
+            image_q, 0 if image_q.shape[0] == 1 else length * cq, image_q if first else self.pe,
             residual, 0 if residual.shape[0] == 1 else length * c, m.float(), bias.float(), projected_v.float(),
             attention.out_proj.bias.float().contiguous(), norm.weight.float().contiguous(),
             norm.bias.float().contiguous(), out, length, norm.eps,
@@ -322,8 +322,8 @@ class FusedImageSide:
         )
         return out
 
-    def _tokens_to_image(self, attention, queries: Tensor, keys: Tensor, pe: Tensor) -> Tensor:
-        """attention(q=queries, k=keys + pe, v=keys) for the prompt tokens: (N, T, C)."""
+    def _tokens_to_image(self, attention, queries: Tensor, keys: Tensor) -> Tensor:
+        """attention(q=queries, k=keys + self.pe, v=keys) for the prompt tokens: (N, T, C)."""
         heads = attention.num_heads
         n, t, c = queries.shape
         d = attention.internal_dim // heads
@@ -332,7 +332,7 @@ class FusedImageSide:
         rows = heads * TOKEN_ROWS
         mixed = torch.empty((n, rows, c), device=queries.device, dtype=torch.float32)
         length = keys.shape[1]
-        _kernels()["tokens_to_image"][(n,)](g, keys, pe, mixed, length, C=c, R=rows, BL=self.block,
+        _kernels()["tokens_to_image"][(n,)](g, keys, self.pe, mixed, length, C=c, R=rows, BL=self.block,
                                             STORE=STORAGE[self.dtype])
         mixed = mixed.reshape(n, heads, TOKEN_ROWS, c)[:, :, :t].to(queries.dtype)  # (N, H, T, C)
         wv = head_weights(attention.v_proj, heads).transpose(1, 2)  # (H, C, d)
